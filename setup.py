@@ -1,0 +1,46 @@
+"""Installs tulu3, its kernels and checkpoint tools (``pip install -e .[test]``)."""
+
+import sys
+
+from setuptools import find_packages, setup
+
+# megatron-core >= 0.17 needs Python >= 3.12; 0.16.1 is the newest release for 3.11.
+MEGATRON = "megatron-core==0.16.1" if sys.version_info < (3, 12) else "megatron-core>=0.16.1"
+
+setup(
+    name="tulu3",
+    version="0.1.0",
+    description="Tülu 3 post-training (SFT, DPO, RLVR) for Llama 3.1 on Megatron-Core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tulu3*", "kernels*", "checkpoints_tools*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        MEGATRON,
+        "numpy",
+        "tiktoken",
+        "sentencepiece",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "psutil",  # megatron's dist_checkpointing writer hangs without it (DESIGN.md)
+        "matplotlib",
+        "sympy",
+        "antlr4-python3-runtime==4.11",  # sympy.parsing.latex backend
+        "langdetect",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "pytest-timeout",
+            "transformers",
+            "triton",
+            "pyarrow",
+            "ruff",
+        ],
+        "gpu": ["transformer-engine[pytorch]", "triton"],
+        "data": ["datasets", "pyarrow"],
+        "logging": ["tensorboard", "wandb"],
+    },
+)
