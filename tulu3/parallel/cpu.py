@@ -1,0 +1,168 @@
+"""Make megatron-core run on CPU with the gloo backend when CUDA is absent.
+
+Megatron-Core assumes CUDA in many places (``torch.cuda.current_device()`` as a device, CUDA RNG
+state for its tensor-parallel RNG tracker, ``.cuda()`` calls, ``Tensor.type()`` string checks in the
+optimizer). Like Ascend's ``transfer_to_npu``, this module retargets those calls, here to the CPU.
+It is installed only when ``torch.cuda.is_available()`` is false, and every patched symbol has a
+test (tests/parallel/test_cpu_compat.py) that fails loudly when a megatron-core release moves it.
+
+Patched (see DESIGN.md for how each was found):
+- ``torch.cuda.current_device`` -> ``"cpu"``; ``torch.cuda.synchronize`` / ``empty_cache`` -> no-op
+- ``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed`` and megatron's
+  ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` -> the CPU generator
+- ``device="cuda"`` (or ``cuda:N``) passed to torch tensor factories -> CPU
+- ``Tensor.cuda()`` -> identity
+- ``Tensor.type()`` without arguments reports ``torch.cuda.*Tensor`` (megatron compares the string
+  in clip_grad_by_total_norm_fp32, the FP16 optimizer and the DistributedOptimizer)
+- megatron's ``dist_checkpointing`` async writer: a fork-context results queue instead of a
+  spawn-context Manager that re-imports ``__main__`` (15 s a save, or a hang without a main guard)
+- batched p2p off is enforced elsewhere (tulu3.model.build sets batch_p2p_comm=False on gloo):
+  with PP=2 gloo swaps same-tag sends to the same peer and trains WRONG silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_INSTALLED = False
+
+# Tensor factories that accept ``device=``; "cuda" is rewritten to "cpu" for them.
+FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
+    "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "as_tensor",
+    "empty_strided", "linspace", "eye",
+)
+
+_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_device(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    wrapper.__tulu3_cpu_patch__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _tensor_type(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any) -> Any:
+        if dtype is None and not kw:
+            return _TYPE_NAMES.get(self.dtype, original(self))
+        if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
+            dtype = dtype.replace("torch.cuda.", "torch.")
+        return original(self, dtype, non_blocking, **kw)
+
+    return type_
+
+
+def _tensor_to(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        args = tuple("cpu" if _is_cuda_device(a) and not isinstance(a, int) else a for a in args)
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return original(self, *args, **kwargs)
+
+    return to
+
+
+def _patch_torch() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.set_device = lambda *a, **k: None
+    cuda.get_rng_state = lambda device=None: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
+    cuda.manual_seed_all = lambda seed: None
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    for name in FACTORIES:
+        setattr(torch, name, _cpu_device(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.type = _tensor_type(torch.Tensor.type)
+    torch.Tensor.to = _tensor_to(torch.Tensor.to)
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+    _patch_async_writer()
+
+
+def _patch_async_writer() -> None:
+    """Give dist_checkpointing's writer a fork-context queue (spawn re-imports ``__main__``)."""
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    manager_attr = "_get_write_results_queue"
+    if not hasattr(filesystem_async, manager_attr):
+        raise RuntimeError(f"megatron moved {filesystem_async.__name__}.{manager_attr}")
+    queue = {"q": None}
+
+    def get_queue() -> Any:
+        if queue["q"] is None:
+            queue["q"] = mp.get_context("fork").Queue()
+        return queue["q"]
+
+    setattr(filesystem_async, manager_attr, get_queue)
+
+
+def install(force: bool = False) -> bool:
+    """Install the compat layer once; returns True when it is active. No-op when CUDA exists."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    _patch_torch()
+    _patch_megatron()
+    _INSTALLED = True
+    return True
+
+
+def is_installed() -> bool:
+    return _INSTALLED
+
+
+@contextlib.contextmanager
+def no_op() -> Any:
+    yield

@@ -1,0 +1,66 @@
+"""Start torch.distributed and megatron's parallel_state for a layout."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from tulu3.config import Config
+from tulu3.parallel import cpu
+from tulu3.parallel.layout import ParallelLayout, make_layout
+
+
+def init_distributed(backend: str = "auto", timeout_min: int = 30) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (or as a single process).
+
+    Returns (rank, world_size). gloo on CPU, nccl with CUDA; installs the CPU compat layer when
+    CUDA is absent.
+    """
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo" and not torch.cuda.is_available():
+        cpu.install()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            from tulu3.testing import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")),
+                                world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                                timeout=timedelta(minutes=timeout_min))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
+    """Create megatron's TP/PP/CP/DP groups and seed the tensor-parallel RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not torch.cuda.is_available():
+        cpu.install()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp,
+        create_gloo_process_groups=torch.cuda.is_available(),
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def setup_parallel(cfg: Config) -> ParallelLayout:
+    """init_distributed + validate the layout + megatron groups: the start of every run."""
+    # Validate before starting anything: a bad layout fails in a second, not after start-up.
+    layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    init_distributed(cfg.parallel.backend)
+    init_model_parallel(layout, cfg.train.seed)
+    return layout
