@@ -41,7 +41,7 @@ class ModelConfig:
     max_seq_len: int | None = None
     load: str | None = None
     """An HF model directory or a tulu3/Megatron checkpoint; the format is detected."""
-    spec: str = "local"
+    spec: str = "torch"
     """Layer spec: te (Transformer Engine) | torch (SDPA attention, packed sequences) | local."""
     dtype: str = "fp32"
     """Parameter/compute dtype: fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)."""
@@ -246,6 +246,11 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

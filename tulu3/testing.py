@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import sys
 import time
@@ -34,7 +35,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(*args, **kwargs)
-        results.put((rank, "ok", value))
+        # Plain pickle: torch's queue reductions share memory by file descriptor, which dies
+        # with this process before the parent reads it.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -85,7 +88,7 @@ def run_distributed_test(fn: Callable, world_size: int, *args: Any, timeout_s: f
             continue
         rank, status, value = results.get()
         if status == "ok":
-            outputs[rank] = value
+            outputs[rank] = pickle.loads(value)
         else:
             errors.append(f"--- rank {rank} ---\n{value}")
     for proc in procs:

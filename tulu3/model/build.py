@@ -87,7 +87,6 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, vocab_size: int
 
     shape = resolve_shape(cfg)
     config = transformer_config(cfg, layout, per_token_loss)
-    spec = layer_spec(cfg.spec)
     vocab = padded_vocab(vocab_size or shape.vocab, layout.tp)
     chunks = []
     for vp_stage in range(layout.vpp):
@@ -96,7 +95,7 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, vocab_size: int
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
         model = TuluGPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=layer_spec(cfg.spec, config, vp),
             vocab_size=vocab,
             max_sequence_length=shape.max_seq_len,
             pre_process=pre,

@@ -74,31 +74,66 @@ def match_megatron(name: str) -> tuple[Rule, int | None]:
     raise KeyError(f"no HF mapping for megatron parameter {name!r}")
 
 
-def hf_names(rule: Rule, layer: int | None) -> list[str]:
+def hf_names(rule: Rule, layer: int | None, tied: bool = False) -> list[str]:
+    """HF tensor names of one rule; with tied embeddings the output layer reads the embedding
+    (HF has no ``lm_head.weight``; megatron's last stage holds a copy when PP > 1)."""
+    if tied and rule.megatron == "output_layer.weight":
+        return ["model.embed_tokens.weight"]
     return [n.replace("{i}", str(layer)) for n in rule.hf]
 
 
 # --- HF <-> megatron global ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Rows ``[src, src + rows)`` of HF tensor ``source`` are rows ``[dst, dst + rows)`` of the
+    megatron global tensor (elements for 1-D tensors). Rows no placement covers are vocabulary
+    padding (zeros). Streaming converters read these row ranges straight from the file."""
+
+    source: int
+    src: int
+    rows: int
+    dst: int
+
+
+def placements(rule: Rule, shape: LlamaShape, hf_rows: list[int]) -> list[Placement]:
+    """Where each HF tensor's rows go in the global tensor; ``hf_rows``: first dim of each."""
+    if rule.kind == "qkv":
+        d, groups = shape.head_dim, shape.kv_heads
+        per_group = shape.heads // groups
+        out = []
+        for g in range(groups):  # per query group: [q heads of g; k_g; v_g]
+            base = g * (per_group + 2) * d
+            out += [Placement(0, g * per_group * d, per_group * d, base),
+                    Placement(1, g * d, d, base + per_group * d),
+                    Placement(2, g * d, d, base + (per_group + 1) * d)]
+        return out
+    if rule.kind == "fc1":  # [gate; up]
+        return [Placement(0, 0, hf_rows[0], 0), Placement(1, 0, hf_rows[1], hf_rows[0])]
+    return [Placement(0, 0, hf_rows[0], 0)]
+
+
+def global_shape(rule: Rule, hf_shapes: list[tuple[int, ...]], padded_vocab: int
+                 ) -> tuple[int, ...]:
+    """Shape of the megatron global tensor built from HF tensors of ``hf_shapes``."""
+    rows = sum(s[0] for s in hf_shapes)
+    if rule.kind == "vocab":
+        rows = max(rows, padded_vocab)
+    return (rows, *hf_shapes[0][1:])
+
+
 def to_global(rule: Rule, hf: list[torch.Tensor], shape: LlamaShape,
               padded_vocab: int) -> torch.Tensor:
     """HF tensors of one rule -> the megatron global (TP1) tensor."""
-    if rule.kind == "qkv":
-        q, k, v = hf
-        d, groups = shape.head_dim, shape.kv_heads
-        per_group = shape.heads // groups
-        q = q.reshape(groups, per_group * d, -1)
-        k = k.reshape(groups, d, -1)
-        v = v.reshape(groups, d, -1)
-        return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
-    if rule.kind == "fc1":
-        return torch.cat(hf, dim=0)
-    (tensor,) = hf
-    if rule.kind == "vocab" and tensor.shape[0] < padded_vocab:
-        pad = tensor.new_zeros(padded_vocab - tensor.shape[0], tensor.shape[1])
-        tensor = torch.cat([tensor, pad], dim=0)
-    return tensor
+    plan = placements(rule, shape, [t.shape[0] for t in hf])
+    size = global_shape(rule, [tuple(t.shape) for t in hf], padded_vocab)
+    if len(plan) == 1 and size == tuple(hf[0].shape):
+        return hf[0]  # identity: no copy
+    out = hf[0].new_zeros(size)
+    for p in plan:
+        out[p.dst:p.dst + p.rows] = hf[p.source][p.src:p.src + p.rows]
+    return out
 
 
 def from_global(rule: Rule, tensor: torch.Tensor, shape: LlamaShape,
@@ -170,7 +205,7 @@ def load_hf_into_chunk(model: torch.nn.Module, get_hf: Callable[[str], torch.Ten
     with torch.no_grad():
         for name, param in model.named_parameters():
             rule, layer = match_megatron(_local_to_global(name, offset))
-            hf = [get_hf(n) for n in hf_names(rule, layer)]
+            hf = [get_hf(n) for n in hf_names(rule, layer, shape.tied_embeddings)]
             piece = shard(rule, to_global(rule, hf, shape, padded), tp_rank, tp)
             if piece.shape != param.shape:
                 raise ValueError(f"{name}: HF gives shape {tuple(piece.shape)}, the model "

@@ -6,8 +6,14 @@ import copy
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tulu3.model.attention import SDPAttention
+from tulu3.model.norm import RMSNorm
 
 
 def has_transformer_engine() -> bool:
@@ -18,14 +24,19 @@ def has_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(name: str) -> ModuleSpec:
-    """The transformer layer spec for ``model.spec``; ``te`` fails clearly without TE."""
+def layer_spec(name: str, config: TransformerConfig, vp_stage: int | None = None
+               ) -> ModuleSpec | TransformerBlockSubmodules:
+    """The transformer spec for ``model.spec``; ``te`` fails clearly without TE."""
     if name == "local":
         return get_gpt_layer_local_spec(normalization="RMSNorm")
     if name == "torch":
+        # SDPA attention and an RMSNorm that supports sequence parallelism, final norm included.
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
-        return spec
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
     if name == "te":
         if not has_transformer_engine():
             raise RuntimeError("model.spec=te needs Transformer Engine (pip install "

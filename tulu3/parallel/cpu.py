@@ -16,13 +16,15 @@ Patched (see DESIGN.md for how each was found):
   in clip_grad_by_total_norm_fp32, the FP16 optimizer and the DistributedOptimizer)
 - megatron's ``dist_checkpointing`` async writer: a fork-context results queue instead of a
   spawn-context Manager that re-imports ``__main__`` (15 s a save, or a hang without a main guard)
-- batched p2p off is enforced elsewhere (tulu3.model.build sets batch_p2p_comm=False on gloo):
-  with PP=2 gloo swaps same-tag sends to the same peer and trains WRONG silently.
+- ``P2PCommunicator._communicate_shapes`` (variable sequence lengths): distinct tags per
+  direction. With PP=2 the previous and next stage are one rank; gloo matches same-tag messages
+  to one peer in arrival order and swaps activation and gradient shapes. The tensors themselves
+  go unbatched (tulu3.model.build sets batch_p2p_comm=False without CUDA) for the same reason:
+  batched, they train WRONG silently (DESIGN.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -125,6 +127,7 @@ def _patch_megatron() -> None:
     mp_random._get_cuda_rng_state = get_state
     mp_random._set_cuda_rng_state = set_state
     _patch_async_writer()
+    _patch_p2p()
 
 
 def _patch_async_writer() -> None:
@@ -146,6 +149,48 @@ def _patch_async_writer() -> None:
     setattr(filesystem_async, manager_attr, get_queue)
 
 
+_FORWARD_TAG, _BACKWARD_TAG = 1, 2
+
+
+def _communicate_shapes(self: Any, tensor_send_next: Any, tensor_send_prev: Any,
+                        recv_prev: bool, recv_next: bool) -> tuple[list[int], list[int]]:
+    """megatron's shape exchange with one tag per direction (see the module docstring)."""
+    import torch.distributed as dist
+
+    def shape_of(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(tensor.size(), dtype=torch.int64)
+
+    recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
+    recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
+    requests = []
+    # Activations flow prev -> next (forward tag); gradients next -> prev (backward tag).
+    if tensor_send_prev is not None:
+        requests.append(dist.isend(shape_of(tensor_send_prev), self.prev_rank, self.pp_group,
+                                   tag=_BACKWARD_TAG))
+    if recv_prev_shape is not None:
+        requests.append(dist.irecv(recv_prev_shape, self.prev_rank, self.pp_group,
+                                   tag=_FORWARD_TAG))
+    if tensor_send_next is not None:
+        requests.append(dist.isend(shape_of(tensor_send_next), self.next_rank, self.pp_group,
+                                   tag=_FORWARD_TAG))
+    if recv_next_shape is not None:
+        requests.append(dist.irecv(recv_next_shape, self.next_rank, self.pp_group,
+                                   tag=_BACKWARD_TAG))
+    for request in requests:
+        request.wait()
+    return ([0, 0, 0] if recv_prev_shape is None else recv_prev_shape.tolist(),
+            [0, 0, 0] if recv_next_shape is None else recv_next_shape.tolist())
+
+
+def _patch_p2p() -> None:
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    communicator = p2p_communication.P2PCommunicator
+    if not hasattr(communicator, "_communicate_shapes"):
+        raise RuntimeError("megatron moved P2PCommunicator._communicate_shapes")
+    communicator._communicate_shapes = _communicate_shapes
+
+
 def install(force: bool = False) -> bool:
     """Install the compat layer once; returns True when it is active. No-op when CUDA exists."""
     global _INSTALLED
@@ -162,7 +207,3 @@ def install(force: bool = False) -> bool:
 def is_installed() -> bool:
     return _INSTALLED
 
-
-@contextlib.contextmanager
-def no_op() -> Any:
-    yield

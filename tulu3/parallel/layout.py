@@ -68,6 +68,12 @@ def make_layout(cfg: Config, world_size: int) -> ParallelLayout:
                           f"model.layers={shape.layers}")
     if par.sequence_parallel and par.tp == 1:
         raise LayoutError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if par.cp > 1 and cfg.model.spec != "te":
+        raise LayoutError(f"parallel.cp={par.cp} needs model.spec=te: megatron-core supports "
+                          "context parallelism only in Transformer Engine attention")
+    if par.sequence_parallel and cfg.model.spec == "local":
+        raise LayoutError("parallel.sequence_parallel=true needs model.spec=torch or te "
+                          "(megatron's local norm does not support it)")
     layout = ParallelLayout(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp,
                             sequence_parallel=par.sequence_parallel,
                             distributed_optimizer=par.distributed_optimizer)

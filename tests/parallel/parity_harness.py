@@ -1,0 +1,120 @@
+"""Shared pieces of the parallel parity tests: run N training steps at a layout, collect
+losses, gradients and weights in megatron's global (TP1) layout for comparison."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+
+from tulu3.config import load_config
+from tulu3.model import hf_mapping
+from tulu3.model.build import build_model_chunks
+from tulu3.model.presets import resolve_shape
+from tulu3.optim import build_optimizer
+from tulu3.parallel.ddp import unwrap, wrap_ddp
+from tulu3.parallel.init import init_model_parallel
+from tulu3.parallel.layout import make_layout
+from tulu3.stages.logprobs import VocabShard
+from tulu3.stages.sft import SFTStage
+from tulu3.step import train_step
+from tulu3.testing import tiny_hf_llama
+
+VOCAB = 500  # not a multiple of 128 x TP: vocabulary padding is exercised
+
+
+def examples(count: int = 8, seed: int = 7) -> list[dict]:
+    """Random sequences of different lengths with a masked prompt part."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for index in range(count):
+        length = int(torch.randint(6, 17, (1,), generator=gen))
+        tokens = torch.randint(0, VOCAB, (length,), generator=gen)
+        labels = torch.cat([tokens[1:], torch.tensor([-100])])
+        labels[: length // 3] = -100
+        out.append({"tokens": tokens, "labels": labels, "index": index})
+    return out
+
+
+def collate(items: list[dict]) -> dict:
+    """Right-padded micro-batch in tulu3's batch format."""
+    seq = max(len(i["tokens"]) for i in items)
+    batch = len(items)
+    tokens = torch.zeros(batch, seq, dtype=torch.long)
+    labels = torch.full((batch, seq), -100, dtype=torch.long)
+    seq_ids = torch.full((batch, seq), -1, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["tokens"])
+        tokens[row, :n] = item["tokens"]
+        labels[row, :n] = item["labels"]
+        seq_ids[row, :n] = row
+    positions = torch.arange(seq).expand(batch, seq).contiguous()
+    return {"tokens": tokens, "labels": labels, "position_ids": positions, "seq_ids": seq_ids,
+            "example_ids": torch.tensor([i["index"] for i in items])}
+
+
+def run_layout(world: int, overrides: list[str], steps: int = 2, micro_batch: int = 1,
+               global_batch: int = 8) -> dict:
+    """Train ``steps`` SFT steps at the layout in ``overrides``; global-layout results.
+
+    Returns {"loss": [...], "grads": {name: tensor}, "weights": {name: tensor}} on DP rank 0 of
+    every (tp, pp) position; the caller merges ranks with :func:`merge`.
+    """
+    cfg = load_config(None, [f"model.vocab={VOCAB}", "optim.lr=1e-3", "optim.warmup=0",
+                             "optim.schedule=constant", f"train.global_batch={global_batch}",
+                             f"train.micro_batch={micro_batch}", *overrides])
+    layout = make_layout(cfg, world)
+    init_model_parallel(layout, seed=1234)
+    shape = resolve_shape(cfg.model)
+    hf_state = tiny_hf_llama(shape, seed=0).state_dict()
+    chunks = build_model_chunks(cfg.model, layout)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    for chunk in chunks:
+        hf_mapping.load_hf_into_chunk(chunk, hf_state.__getitem__, shape, tp_rank, layout.tp)
+    ddp = wrap_ddp(chunks, layout)
+    optimizer, scheduler = build_optimizer(cfg, ddp, total_steps=10)
+    ddp[0].config.grad_scale_func = optimizer.scale_loss
+    shard = VocabShard(ps.get_tensor_model_parallel_group(), tp_rank, VOCAB)
+    stage = SFTStage(shard, cfg.sft.loss_reduction, cfg.model.fused_logprobs)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = examples(global_batch)[dp_rank::dp]
+    micro = [collate(mine[i:i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+    losses, grads = [], {}
+    for step in range(steps):
+        metrics = train_step(ddp, optimizer, scheduler, micro, stage, layout)
+        losses.append(metrics["loss"])
+        if step == 0 and not layout.distributed_optimizer:
+            grads = _collect(ddp, lambda p: p.main_grad)
+    weights = _collect(ddp, lambda p: p.detach())
+    ps.destroy_model_parallel()
+    keep = dp_rank == 0
+    return {"loss": losses, "grads": grads if keep else {}, "weights": weights if keep else {},
+            "tp_rank": tp_rank}
+
+
+def _collect(ddp: list, get) -> dict[str, torch.Tensor]:
+    out = {}
+    for chunk in ddp:
+        model = unwrap(chunk)
+        names = hf_mapping.chunk_global_names(model)
+        for name, param in model.named_parameters():
+            out[names[name]] = get(param).float().clone()
+    return out
+
+
+def merge(results: list[dict], key: str) -> dict[str, torch.Tensor]:
+    """Unshard per-rank pieces (rank order = TP order within a stage) into global tensors."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for result in results:
+        for name, tensor in result[key].items():
+            pieces.setdefault(name, {})[result["tp_rank"]] = tensor
+    merged = {}
+    for name, by_rank in pieces.items():
+        rule, _ = hf_mapping.match_megatron(name)
+        merged[name] = hf_mapping.unshard(rule, [by_rank[r] for r in sorted(by_rank)])
+    return merged
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    worst = max(((float((a[k] - b[k]).abs().max()), k) for k in a), default=(0.0, ""))
+    return worst

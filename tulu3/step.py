@@ -1,0 +1,145 @@
+"""One pass of micro-batches through megatron's pipeline schedule, and its metrics.
+
+``run_schedule`` is shared by training steps (forward + backward), evaluation and the DPO/RLVR
+log-prob pre-passes (``forward_only``). Metrics come back summed over micro-batches and
+data-parallel ranks, identical on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from tulu3.parallel.ddp import unwrap
+from tulu3.parallel.layout import ParallelLayout
+from tulu3.stages.base import Stage
+
+
+def pad_multiple(layout: ParallelLayout) -> int:
+    """Sequence lengths must divide by TP under sequence parallelism (and 2 x CP under CP)."""
+    multiple = layout.tp if layout.sequence_parallel else 1
+    return multiple * (2 * layout.cp if layout.cp > 1 else 1)
+
+
+def prepare(batch: dict, multiple: int = 1) -> dict:
+    """Right-pad [b, s] tensors to a multiple of ``multiple`` and move them to the GPU if any."""
+    seq = batch["tokens"].shape[1]
+    extra = -seq % multiple
+    if extra:
+        fill = {"tokens": 0, "labels": -100, "position_ids": 0, "seq_ids": -1}
+        batch = dict(batch)
+        for key, value in fill.items():
+            if key in batch:
+                batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
+        for key in ("loss_mask", "old_logprobs", "ref_logprobs", "advantages", "returns",
+                    "old_values"):
+            if key in batch and batch[key].dim() == 2:
+                batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=0)
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def attention_mask(batch: dict) -> torch.Tensor | None:
+    """None for one document per row (plain causal); a per-document mask for packed rows.
+
+    Shape [b, 1, s, s], True = masked out (megatron's convention).
+    """
+    seq_ids = batch["seq_ids"]
+    first = seq_ids[:, :1]
+    one_doc_per_row = bool(((seq_ids == first) | (seq_ids < 0)).all())
+    if one_doc_per_row:
+        return None
+    same = seq_ids.unsqueeze(-1) == seq_ids.unsqueeze(-2)
+    causal = torch.ones(seq_ids.shape[1], seq_ids.shape[1], dtype=torch.bool,
+                        device=seq_ids.device).tril()
+    allowed = same & causal
+    # Padding attends to itself only, so no row of the softmax is empty.
+    allowed |= torch.eye(seq_ids.shape[1], dtype=torch.bool, device=seq_ids.device)
+    return (~allowed).unsqueeze(1)
+
+
+def _forward_step(stage: Stage, loss_hook: Callable | None, multiple: int, data_iterator,
+                  model):
+    batch = prepare(next(data_iterator), multiple)
+    output = model(batch["tokens"], batch["position_ids"], attention_mask(batch),
+                   return_hidden=stage.uses_hidden)
+
+    def loss_func(output_tensor: torch.Tensor):
+        loss_sum, normalizer, metrics = stage.loss(batch, output_tensor, unwrap(model))
+        if loss_hook is not None:
+            loss_hook(batch, loss_sum, metrics)
+        return loss_sum, normalizer, metrics
+
+    return output, loss_func
+
+
+def run_schedule(chunks: list[torch.nn.Module], micro_batches: list[dict], stage: Stage,
+                 layout: ParallelLayout, forward_only: bool = False,
+                 loss_hook: Callable | None = None) -> dict[str, float]:
+    """Forward (and backward) every micro-batch of this DP rank; returns reduced metrics.
+
+    ``loss_hook(batch, loss_sum, metrics)`` runs on the last pipeline stage for each micro-batch
+    (NaN checks, caching reference log-probs).
+    """
+    multiple = pad_multiple(layout)
+    seq = max(-(-int(mb["tokens"].shape[1]) // multiple) * multiple for mb in micro_batches)
+    forward_backward = get_forward_backward_func()
+    iterators = [iter(micro_batches) for _ in chunks]
+    store = forward_backward(
+        forward_step_func=partial(_forward_step, stage, loss_hook, multiple),
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq,
+        micro_batch_size=int(micro_batches[0]["tokens"].shape[0]),
+        forward_only=forward_only,
+    )
+    return reduce_metrics(store, stage.metric_names, layout)
+
+
+def reduce_metrics(store: list[dict], names: tuple[str, ...],
+                   layout: ParallelLayout) -> dict[str, float]:
+    """Sum (sum, count) pairs over micro-batches and all ranks; value = sum / count.
+
+    Only last-stage ranks hold metrics; every TP x CP rank of one replica holds the same values,
+    so the world-wide sum is divided by tp x cp. A count of 0 marks a total (e.g. tokens).
+    """
+    totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    for item in store:
+        for index, name in enumerate(names):
+            totals[index] += item[name].double().cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if torch.cuda.is_available():
+            totals = totals.cuda()
+        dist.all_reduce(totals)
+        totals = totals.cpu() / (layout.tp * layout.cp)
+    out = {}
+    for index, name in enumerate(names):
+        total, count = totals[index].tolist()
+        out[name] = total / count if count else total
+    return out
+
+
+def train_step(chunks: list[torch.nn.Module], optimizer, scheduler, micro_batches: list[dict],
+               stage: Stage, layout: ParallelLayout,
+               loss_hook: Callable | None = None) -> dict[str, float]:
+    """Zero grads, forward + backward every micro-batch, clip, AdamW step, advance the LR.
+
+    Returns the stage's metrics plus ``grad_norm``, ``lr`` and ``update_ok`` (False when the
+    optimizer skipped the step).
+    """
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = run_schedule(chunks, micro_batches, stage, layout, loss_hook=loss_hook)
+    lr = optimizer.param_groups[0]["lr"]
+    update_ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   lr=lr, update_ok=bool(update_ok))
+    return metrics
