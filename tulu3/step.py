@@ -7,6 +7,7 @@ data-parallel ranks, identical on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from tulu3.data.packing import document_attention_mask
 from tulu3.parallel.ddp import unwrap
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.stages.base import Stage
@@ -50,17 +52,9 @@ def attention_mask(batch: dict) -> torch.Tensor | None:
     Shape [b, 1, s, s], True = masked out (megatron's convention).
     """
     seq_ids = batch["seq_ids"]
-    first = seq_ids[:, :1]
-    one_doc_per_row = bool(((seq_ids == first) | (seq_ids < 0)).all())
-    if one_doc_per_row:
-        return None
-    same = seq_ids.unsqueeze(-1) == seq_ids.unsqueeze(-2)
-    causal = torch.ones(seq_ids.shape[1], seq_ids.shape[1], dtype=torch.bool,
-                        device=seq_ids.device).tril()
-    allowed = same & causal
-    # Padding attends to itself only, so no row of the softmax is empty.
-    allowed |= torch.eye(seq_ids.shape[1], dtype=torch.bool, device=seq_ids.device)
-    return (~allowed).unsqueeze(1)
+    one_doc_per_row = bool(((seq_ids == seq_ids[:, :1]) | (seq_ids < 0)).all())
+    # Right padding after one document needs no mask: causal attention never reaches it.
+    return None if one_doc_per_row else document_attention_mask(seq_ids)
 
 
 def _forward_step(stage: Stage, loss_hook: Callable | None, multiple: int, data_iterator,
@@ -99,47 +93,72 @@ def run_schedule(chunks: list[torch.nn.Module], micro_batches: list[dict], stage
         micro_batch_size=int(micro_batches[0]["tokens"].shape[0]),
         forward_only=forward_only,
     )
-    return reduce_metrics(store, stage.metric_names, layout)
+    tokens = sum(int((mb["seq_ids"] >= 0).sum()) for mb in micro_batches)
+    return reduce_metrics(store, stage.metric_names, layout, tokens)
 
 
-def reduce_metrics(store: list[dict], names: tuple[str, ...],
-                   layout: ParallelLayout) -> dict[str, float]:
+def reduce_metrics(store: list[dict], names: tuple[str, ...], layout: ParallelLayout,
+                   local_tokens: int = 0) -> dict[str, float]:
     """Sum (sum, count) pairs over micro-batches and all ranks; value = sum / count.
 
     Only last-stage ranks hold metrics; every TP x CP rank of one replica holds the same values,
-    so the world-wide sum is divided by tp x cp. A count of 0 marks a total (e.g. tokens).
+    so the world-wide sum is divided by tp x cp. A count of 0 marks a total. ``tokens`` (the
+    non-padding input tokens of the step) is counted on every rank of a replica, so it is also
+    divided by pp.
     """
-    totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    totals = torch.zeros(len(names) + 1, 2, dtype=torch.float64)
     for item in store:
         for index, name in enumerate(names):
             totals[index] += item[name].double().cpu()
+    totals[-1, 0] = local_tokens / layout.pp
     if dist.is_initialized() and dist.get_world_size() > 1:
         if torch.cuda.is_available():
             totals = totals.cuda()
         dist.all_reduce(totals)
         totals = totals.cpu() / (layout.tp * layout.cp)
     out = {}
-    for index, name in enumerate(names):
+    for index, name in enumerate((*names, "tokens")):
         total, count = totals[index].tolist()
         out[name] = total / count if count else total
+    out["tokens"] = int(round(out["tokens"]))
     return out
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss of a step is NaN or inf; the message names the step, micro-batch and rank."""
+
+
 def train_step(chunks: list[torch.nn.Module], optimizer, scheduler, micro_batches: list[dict],
-               stage: Stage, layout: ParallelLayout,
-               loss_hook: Callable | None = None) -> dict[str, float]:
+               stage: Stage, layout: ParallelLayout, step: int = 0,
+               skip_nonfinite: bool = False) -> dict[str, float]:
     """Zero grads, forward + backward every micro-batch, clip, AdamW step, advance the LR.
 
-    Returns the stage's metrics plus ``grad_norm``, ``lr`` and ``update_ok`` (False when the
-    optimizer skipped the step).
+    Returns the stage's metrics plus ``grad_norm``, ``lr`` and ``skipped`` (True when the loss
+    was not finite and ``skip_nonfinite`` dropped the update). A non-finite loss otherwise
+    raises :class:`NonFiniteLoss` on every rank, before the optimizer touches the weights.
     """
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = run_schedule(chunks, micro_batches, stage, layout, loss_hook=loss_hook)
+    bad: list[str] = []
+
+    def check(batch: dict, loss_sum: torch.Tensor, metrics: dict) -> None:
+        if not torch.isfinite(loss_sum.detach()).all():
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            bad.append(f"micro-batch {len(bad)} (examples {batch['example_ids'].tolist()}) on "
+                       f"rank {rank}: loss {float(loss_sum)}")
+
+    metrics = run_schedule(chunks, micro_batches, stage, layout, loss_hook=check)
     lr = optimizer.param_groups[0]["lr"]
+    if not math.isfinite(metrics.get("loss", 0.0)):
+        if not skip_nonfinite:
+            where = "; ".join(bad) or "reported by another rank"
+            raise NonFiniteLoss(f"step {step}: non-finite loss ({where}); set "
+                                "train.skip_nan=true to skip such steps")
+        scheduler.step(increment=1)
+        return {**metrics, "grad_norm": float("nan"), "lr": lr, "skipped": True}
     update_ok, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   lr=lr, update_ok=bool(update_ok))
+                   lr=lr, skipped=not update_ok)
     return metrics

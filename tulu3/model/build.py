@@ -76,7 +76,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
     )
 
 
-def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, vocab_size: int | None = None,
+def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout,
                        per_token_loss: bool = True) -> list[TuluGPTModel]:
     """Build this rank's model: one chunk per virtual pipeline stage (one without VPP).
 
@@ -87,7 +87,7 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, vocab_size: int
 
     shape = resolve_shape(cfg)
     config = transformer_config(cfg, layout, per_token_loss)
-    vocab = padded_vocab(vocab_size or shape.vocab, layout.tp)
+    vocab = padded_vocab(shape.vocab, layout.tp)
     chunks = []
     for vp_stage in range(layout.vpp):
         vp = vp_stage if layout.vpp > 1 else None

@@ -89,3 +89,8 @@ def flops_per_token(shape: LlamaShape, seq_len: int, training: bool = True) -> f
     factor = 6 if training else 2
     attention = (12 if training else 4) * shape.layers * shape.hidden * seq_len
     return factor * matmul_params + attention
+
+
+def with_shape(cfg: ModelConfig, shape: LlamaShape) -> ModelConfig:
+    """``cfg`` with every shape field filled in, so the saved config.yaml is fully resolved."""
+    return dataclasses.replace(cfg, **dataclasses.asdict(shape))

@@ -18,7 +18,7 @@ from tulu3.stages.logprobs import VocabShard, token_logprobs
 
 class SFTStage:
     name = "sft"
-    metric_names = ("loss", "token_loss", "tokens", "sequences")
+    metric_names = ("loss", "token_loss", "trained_tokens", "sequences")
 
     def __init__(self, shard: VocabShard, reduction: str = "sum", fused: bool = True) -> None:
         if reduction not in ("sum", "mean"):
@@ -39,7 +39,7 @@ class SFTStage:
         metrics = {
             "loss": metric(loss_sum, normalizer),
             "token_loss": metric(loss_sum, tokens),
-            "tokens": metric(tokens, 0),
+            "trained_tokens": metric(tokens, 0),
             "sequences": metric(sequences, 0),
         }
         return loss_sum, normalizer.to(torch.int), metrics

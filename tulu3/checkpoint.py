@@ -1,0 +1,193 @@
+"""Training checkpoints: model + optimizer + scheduler + RNG + data position, written atomically.
+
+    RUN_DIR/checkpoints/
+      step_N/            tulu3.json + model/ (checkpoints_tools.format), and
+        optimizer/       megatron dist_checkpointing of the optimizer (reshardable)
+        trainer.json     step, scheduler, sampler position, counters (rank 0)
+        rng/rank_R.pt    every RNG this rank draws from
+      latest             text: "step_N"
+      .tmp_step_N/       a save in progress; renamed to step_N only when complete
+
+A save that dies half-way (kill -9) leaves only ``.tmp_*``; ``latest`` still names the previous
+complete checkpoint, and the next start deletes the leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from checkpoints_tools import ConversionError
+from checkpoints_tools.format import load_model, make_meta, read_meta, save_model, write_meta
+from tulu3.model.presets import LlamaShape
+from tulu3.parallel.ddp import unwrap
+from tulu3.parallel.layout import ParallelLayout
+
+OPTIMIZER_DIR = "optimizer"
+TRAINER_FILE = "trainer.json"
+LATEST = "latest"
+# Megatron's default DistributedOptimizer sharding cannot be saved by torch_dist; this one can,
+# and it reshards across layouts.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit this run."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _model_sharded(ddp_chunks: list) -> dict:
+    from checkpoints_tools.format import model_sharded_state_dict
+
+    return model_sharded_state_dict([unwrap(c) for c in ddp_chunks])
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, ddp_chunks: list, optimizer: Any,
+                    scheduler: Any, trainer_state: dict, shape: LlamaShape, layout: ParallelLayout,
+                    dtype: str, tokenizer: str | None = None, keep_last: int = 2) -> Path:
+    """Save everything needed to resume at ``step``; collective (every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    save_model([unwrap(c) for c in ddp_chunks], tmp)
+    optimizer_dir = tmp / OPTIMIZER_DIR
+    if _rank() == 0:
+        optimizer_dir.mkdir()
+    _barrier()
+    state = optimizer.sharded_state_dict(_model_sharded(ddp_chunks), is_loading=False,
+                                         metadata=OPTIMIZER_METADATA)
+    dist_checkpointing.save(state, str(optimizer_dir))
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+    if _rank() == 0:
+        full_state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
+                      "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp,
+                                 "dp": layout.dp, "cp": layout.cp,
+                                 "distributed_optimizer": layout.distributed_optimizer}}
+        (tmp / TRAINER_FILE).write_text(json.dumps(full_state, indent=1))
+        write_meta(tmp, make_meta(shape, layout.tp, layout.pp, layout.vpp, dtype, step=step,
+                                  tokenizer=tokenizer))
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # atomic on one file system: a reader sees all of it or none
+        _write_latest(root, final.name)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    tmp.replace(root / LATEST)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted((p for p in root.glob("step_*") if p.is_dir()),
+                  key=lambda p: int(p.name.split("_")[1]))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from for ``train.resume`` (auto | none | a directory)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / TRAINER_FILE).is_file():
+            raise CheckpointError(f"train.resume={resume}: not a complete tulu3 training "
+                                  f"checkpoint (no {TRAINER_FILE})")
+        return path
+    root = Path(run_dir) / "checkpoints"
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    path = root / latest.read_text().strip()
+    if not (path / TRAINER_FILE).is_file():
+        raise CheckpointError(f"{latest} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def clean_partial_saves(run_dir: str | Path) -> None:
+    """Remove ``.tmp_step_*`` left by a save that was killed (rank 0, before training)."""
+    if _rank() == 0:
+        for leftover in (Path(run_dir) / "checkpoints").glob(".tmp_step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    _barrier()
+
+
+def load_checkpoint(path: Path, ddp_chunks: list, optimizer: Any, scheduler: Any,
+                    shape: LlamaShape, layout: ParallelLayout) -> dict:
+    """Restore model, optimizer, scheduler and RNG; returns trainer.json's state."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        meta = read_meta(path)
+    except ConversionError as err:
+        raise CheckpointError(f"cannot resume from {path}: {err}") from err
+    if meta.shape != shape:
+        raise CheckpointError(f"cannot resume from {path}: it holds a model of shape "
+                              f"{meta.shape}, this run builds {shape}")
+    state = json.loads((path / TRAINER_FILE).read_text())
+    load_model([unwrap(c) for c in ddp_chunks], path)
+    request = optimizer.sharded_state_dict(_model_sharded(ddp_chunks), is_loading=True,
+                                           metadata=OPTIMIZER_METADATA)
+    try:
+        loaded = dist_checkpointing.load(request, str(path / OPTIMIZER_DIR))
+        optimizer.load_state_dict(loaded)
+    except Exception as err:  # noqa: BLE001 - name both layouts, whatever megatron raised
+        raise CheckpointError(
+            f"{path}: the optimizer state saved at {state['layout']} cannot be loaded at "
+            f"{layout.describe()} ({type(err).__name__}: {err}). Start a new run from its "
+            f"weights with model.load={path} instead.") from err
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / "rng" / f"rank_{_rank()}.pt"
+    same_world = state["layout"]["dp"] * layout.model_parallel == layout.world_size and \
+        all(state["layout"][k] == getattr(layout, k) for k in ("tp", "pp", "vpp", "dp"))
+    if rng_file.is_file() and same_world:
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

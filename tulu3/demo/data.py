@@ -1,0 +1,47 @@
+"""``python -m tulu3.demo.data --out DIR``: a tiny tokenizer and Tülu-format data, no downloads.
+
+Writes DIR/tokenizer.model (a Llama-3-format tiktoken file learned from the synthetic corpus),
+sft.jsonl, sft_eval.jsonl, dpo.jsonl, dpo_eval.jsonl, rlvr.jsonl and eval.jsonl (held-out
+additions, RLVR format). The tiny recipes in launch/recipes/ read these paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tulu3.data.loading import write_jsonl
+from tulu3.data.synthetic import dpo_rows, sft_rows, tokenizer_corpus, write_splits
+from tulu3.data.tokenizer import build_tiny_tiktoken
+
+DEFAULT_DIR = "runs/tiny/data"
+MERGES = 240
+
+
+def make_tiny_data(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, n_sft: int = 512,
+                   n_dpo: int = 256, n_rlvr: int = 256, n_eval: int = 64) -> dict[str, str]:
+    """Write the tokenizer and every split (idempotent for a given seed); returns name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_splits(out, seed, n_sft, n_dpo, n_rlvr, n_eval)
+    paths["sft_eval"] = write_jsonl(sft_rows(n_eval, seed + 1), out / "sft_eval.jsonl")
+    paths["dpo_eval"] = write_jsonl(dpo_rows(n_eval, seed + 1), out / "dpo_eval.jsonl")
+    tokenizer = out / "tokenizer.model"
+    if not tokenizer.exists():
+        build_tiny_tiktoken(str(tokenizer), tokenizer_corpus(seed=seed), MERGES)
+    paths["tokenizer"] = str(tokenizer)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=DEFAULT_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for name, path in make_tiny_data(args.out, args.seed).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The loop every stage shares: build, load, resume, step, log, save, stop cleanly.
+
+A stage's *loop* (tulu3/loops/) supplies what differs: its data, its loss module and how one
+optimizer step is fed. Everything else (parallel set-up, model, megatron DDP + optimizer + LR
+schedule, checkpoints, signals, metrics, plots) is here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from tulu3.checkpoint import clean_partial_saves, find_resume, load_checkpoint, save_checkpoint
+from tulu3.config import Config, ConfigError, save_config
+from tulu3.metrics import MetricsLogger
+from tulu3.model.build import build_model_chunks
+from tulu3.model.presets import LlamaShape, flops_per_token, resolve_shape, with_shape
+from tulu3.optim import build_optimizer
+from tulu3.parallel.ddp import unwrap, wrap_ddp
+from tulu3.parallel.init import setup_parallel
+from tulu3.parallel.layout import ParallelLayout
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+class Loop(Protocol):
+    """What a stage plugs into the trainer (tulu3/loops/*.py)."""
+
+    def total_steps(self) -> int: ...
+    def train_step(self, step: int) -> dict[str, Any]: ...
+    def evaluate(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Trainer:
+    """Owns the parallel model and optimizer; runs a Loop to ``total_steps``."""
+
+    def __init__(self, cfg: Config, stage: str) -> None:
+        self.cfg = cfg
+        self.stage = stage
+        self.layout: ParallelLayout = setup_parallel(cfg)
+        self.rank = dist.get_rank()
+        self.run_dir = Path(cfg.train.run_dir)
+        self._stop_signal: int | None = None
+
+    # --- building -----------------------------------------------------------------------------
+
+    def load_tokenizer(self) -> Any:
+        from tulu3.data.tokenizer import load_tokenizer
+
+        data = self.cfg.data
+        if not data.tokenizer:
+            raise ConfigError("data.tokenizer is not set (a tokenizer.model, a sentencepiece "
+                              ".model or an HF model directory)")
+        return load_tokenizer(data.tokenizer, bos=data.bos, eos=data.eos, pad=data.pad)
+
+    def resolve_shape(self, tokenizer_vocab: int) -> LlamaShape:
+        """The model shape: the preset and model.* keys, or the checkpoint of model.load.
+
+        The vocabulary defaults to the tokenizer's (or the checkpoint's) and must cover it.
+        """
+        model = self.cfg.model
+        if model.load:
+            from checkpoints_tools.load import checkpoint_shape
+
+            shape = checkpoint_shape(model.load)
+            explicit = {f.name: getattr(model, f.name) for f in dataclasses.fields(LlamaShape)
+                        if getattr(model, f.name) is not None}
+            shape = dataclasses.replace(shape, **explicit)
+        else:
+            shape = resolve_shape(dataclasses.replace(model, vocab=model.vocab or tokenizer_vocab))
+        if shape.vocab < tokenizer_vocab:
+            raise ConfigError(f"model.vocab={shape.vocab} is smaller than the tokenizer's "
+                              f"vocabulary ({tokenizer_vocab} tokens)")
+        self.cfg.model = with_shape(model, shape)
+        return shape
+
+    def build_model(self, shape: LlamaShape) -> list[torch.nn.Module]:
+        """This rank's chunks, weights loaded from model.load when set, wrapped in DDP."""
+        chunks = build_model_chunks(self.cfg.model, self.layout)
+        if self.cfg.model.load:
+            from checkpoints_tools.load import load_into_chunks
+
+            load_into_chunks(self.cfg.model.load, chunks, shape, self.layout)
+        return wrap_ddp(chunks, self.layout)
+
+    def build_optimizer(self, chunks: list, total_steps: int) -> None:
+        self.optimizer, self.scheduler = build_optimizer(self.cfg, chunks, total_steps)
+        unwrap(chunks[0]).config.grad_scale_func = self.optimizer.scale_loss
+
+    # --- running ------------------------------------------------------------------------------
+
+    def fit(self, loop: Loop, chunks: list, shape: LlamaShape, tokenizer_path: str | None) -> dict:
+        """Run ``loop`` from the resumed step to its end; returns the last step's record."""
+        total = loop.total_steps()
+        start_step, counters = self._resume(loop, chunks, shape)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            print(f"[tulu3] {self.stage}: {self.layout.describe()}, steps {start_step}->{total}",
+                  flush=True)
+        logger = MetricsLogger(self.run_dir, total, self.rank == 0, start_step,
+                               self.cfg.train.tensorboard, self.cfg.train.wandb,
+                               self.cfg.to_dict())
+        self._install_signal_handlers()
+        train = self.cfg.train
+        record: dict[str, Any] = {}
+        step = start_step
+        while step < total:
+            started = time.monotonic()
+            metrics = loop.train_step(step)
+            step += 1
+            seconds = time.monotonic() - started
+            counters["tokens"] += metrics.get("tokens", 0)
+            counters["elapsed_s"] += seconds
+            record = self._record(step, metrics, seconds, counters, shape)
+            if train.eval_every and step % train.eval_every == 0 and step < total:
+                record.update({f"eval/{k}": v for k, v in loop.evaluate().items()})
+            logger.log(record)
+            stopping = self._should_stop()
+            if stopping or step == total or (train.save_every and step % train.save_every == 0):
+                self._save(step, loop, chunks, shape, counters, tokenizer_path)
+            if stopping:
+                logger.close()
+                raise SystemExit(f"[tulu3] stopped by signal {self._stop_signal} after step "
+                                 f"{step}; resume with train.resume=auto")
+        if total > start_step and (train.eval_every or loop_has_eval(loop)):
+            final_eval = loop.evaluate()
+            if final_eval and self.rank == 0:
+                record.update({f"eval/{k}": v for k, v in final_eval.items()})
+                _rewrite_last(self.run_dir / "metrics.jsonl", record)
+        logger.close()
+        if self.rank == 0 and self.cfg.train.plots and (self.run_dir / "metrics.jsonl").exists():
+            from tulu3.plots import plot_run
+
+            plot_run(self.run_dir)
+        return record
+
+    def _record(self, step: int, metrics: dict, seconds: float, counters: dict,
+                shape: LlamaShape) -> dict[str, Any]:
+        tokens = metrics.get("tokens", 0)
+        record = {"step": step, **metrics, "tokens": int(counters["tokens"]),
+                  "step_tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+                  "elapsed_s": round(counters["elapsed_s"], 3)}
+        peak = _peak_flops()
+        if peak:
+            seq = self.cfg.data.max_len
+            achieved = flops_per_token(shape, seq) * tokens / max(seconds, 1e-9)
+            record["mfu"] = achieved / (peak * self.layout.world_size)
+        return record
+
+    def _resume(self, loop: Loop, chunks: list, shape: LlamaShape) -> tuple[int, dict]:
+        counters = {"tokens": 0, "elapsed_s": 0.0}
+        clean_partial_saves(self.run_dir)
+        path = find_resume(self.run_dir, self.cfg.train.resume)
+        if path is None:
+            return 0, counters
+        state = load_checkpoint(path, chunks, self.optimizer, self.scheduler, shape, self.layout)
+        loop.load_state_dict(state["loop"])
+        counters.update(state.get("counters", {}))
+        if self.rank == 0:
+            print(f"[tulu3] resumed from {path} at step {state['step']}", flush=True)
+        return int(state["step"]), counters
+
+    def _save(self, step: int, loop: Loop, chunks: list, shape: LlamaShape, counters: dict,
+              tokenizer_path: str | None) -> None:
+        started = time.monotonic()
+        path = save_checkpoint(self.run_dir, step, chunks, self.optimizer, self.scheduler,
+                               {"loop": loop.state_dict(), "counters": counters,
+                                "stage": self.stage}, shape, self.layout, self.cfg.model.dtype,
+                               tokenizer_path, self.cfg.train.keep_last)
+        if self.rank == 0:
+            print(f"[tulu3] saved {path} ({time.monotonic() - started:.1f} s)", flush=True)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        """Any rank got SIGTERM/SIGINT -> every rank saves and stops after this step."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag)
+        if flag.item() > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return flag.item() > 0
+
+
+def loop_has_eval(loop: Loop) -> bool:
+    return bool(getattr(loop, "has_eval", False))
+
+
+def _rewrite_last(path: Path, record: dict) -> None:
+    import json
+
+    lines = path.read_text().splitlines()
+    lines[-1] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _peak_flops() -> float | None:
+    """Dense bf16 peak of this GPU in FLOP/s (None on CPU or an unknown GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
