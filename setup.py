@@ -19,6 +19,7 @@ setup(
         MEGATRON,
         "numpy",
         "tiktoken",
+        "regex",  # tulu3.data.tokenizer: Llama 3 pre-tokenizer for BPE training (a tiktoken dep)
         "sentencepiece",
         "safetensors",
         "pyyaml",

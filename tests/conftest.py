@@ -9,4 +9,5 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 # Shared test helpers live beside the tests (tests/parallel/parity_harness.py).
-sys.path.insert(0, str(Path(__file__).parent / "parallel"))
+for helpers in ("parallel", "trainer"):
+    sys.path.insert(0, str(Path(__file__).parent / helpers))

@@ -1,13 +1,14 @@
 """Data curation: ``python -m tulu3.curate decontaminate | dedup | mix | stats``.
 
-decontaminate  Tülu 3's rule: an eval instance overlaps a training instance when more than half of its
-               words are covered by n-grams (default 8) that occur in that training instance. The
-               matching training rows are removed, and each eval set is reported with how many of its
-               instances overlap; a set with overlap on more than 2% of its instances is flagged as
-               contaminated. Eval n-grams go in a hash index (evals are small); every training row
-               is hashed once (numpy rolling hash) and looked up: O(total words), no pairwise scans.
+decontaminate  Tülu 3's rule: an eval instance overlaps a training instance when more than half
+               of its words are covered by n-grams (default 8) that occur in that training
+               instance. The matching training rows are removed, and each eval set is reported
+               with how many of its instances overlap; a set with overlap on more than 2% of its
+               instances is flagged as contaminated. Eval n-grams go in a hash index (evals are
+               small); every training row is hashed once (numpy rolling hash) and looked up:
+               O(total words), no pairwise scans.
 dedup          drop exact duplicate rows (same conversation), keeping the first.
-mix            write a mixture file from ``PATH:COUNT`` / ``PATH:FRACTION`` sources with a fixed seed.
+mix            write a mixture file from ``PATH:COUNT`` / ``PATH:FRACTION`` sources, fixed seed.
 stats          rows, tokens (template tokens with --tokenizer, else words), length histogram PNG.
 
 Text compared: a row's prompt side (system and user turns; a DPO row's shared prompt) by default,

@@ -84,6 +84,10 @@ def save_entry(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> No
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         os.replace(tmp, directory)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (directory / "meta.json").is_file():  # not "someone else finished it first"
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,12 +12,12 @@ Llama 3)::
 (Llama 3 was pre-trained so); ``add_bos=False`` reproduces open-instruct's Tülu 3 runs.
 
 Tokenization is of the whole text between special tokens at once, as HF's tokenizer did for the
-released models: BPE pre-tokens may cross a template/content boundary (``"?\\n"`` at the end of a user
-turn is one Llama 3 token), so rendering piece by piece would give different ids. Each token's byte
-offset then says which piece it starts in; a token is trained when it starts inside assistant content.
-Only assistant content and its eos are trained: the ``"\\n"`` after a non-final eos, bos, system and
-user turns and the ``<|assistant|>\\n`` headers are masked. Special-token strings inside content stay
-plain text (a user cannot inject an eos).
+released models: BPE pre-tokens may cross a template/content boundary (``"?\\n"`` at the end of a
+user turn is one Llama 3 token), so rendering piece by piece would give different ids. Each token's
+byte offset then says which piece it starts in; a token is trained when it starts inside assistant
+content. Only assistant content and its eos are trained: the ``"\\n"`` after a non-final eos, bos,
+system and user turns and the ``<|assistant|>\\n`` headers are masked. Special-token strings inside
+content stay plain text (a user cannot inject an eos).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Piece:
 
 def render_pieces(messages: Sequence[dict], add_bos: bool = True,
                   add_generation_prompt: bool = False) -> list[Piece]:
-    """The template as a list of pieces; messages are assumed valid (see examples.validate_messages)."""
+    """The template as a list of pieces (messages already checked by validate_messages)."""
     pieces = [Piece(special="bos")] if add_bos else []
     for i, message in enumerate(messages):
         role, content = message["role"], message["content"]
@@ -84,8 +84,16 @@ def render_text(messages: Sequence[dict], tok: Tokenizer, add_bos: bool = True,
 def tokenize_conversation(messages: Sequence[dict], tok: Tokenizer, add_bos: bool = True,
                           add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Render and tokenize: ``(ids, trainable)``, two lists of the same length."""
-    ids: list[int] = []
-    mask: list[bool] = []
+    ids, mask = tokenize_conversation_arrays(messages, tok, add_bos, add_generation_prompt)
+    return ids.tolist(), mask.tolist()
+
+
+def tokenize_conversation_arrays(messages: Sequence[dict], tok: Tokenizer, add_bos: bool = True,
+                                 add_generation_prompt: bool = False
+                                 ) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`tokenize_conversation`, as int64 [n] ids and bool [n] mask (the fast path)."""
+    ids: list[np.ndarray] = []
+    mask: list[np.ndarray] = []
     run: list[Piece] = []
     for piece in render_pieces(messages, add_bos, add_generation_prompt):
         if piece.special is None:
@@ -93,14 +101,16 @@ def tokenize_conversation(messages: Sequence[dict], tok: Tokenizer, add_bos: boo
             continue
         _flush_text(run, tok, ids, mask)
         run = []
-        ids.append(tok.bos_id if piece.special == "bos" else tok.eos_id)
-        mask.append(piece.trainable)
+        ids.append(np.array([tok.bos_id if piece.special == "bos" else tok.eos_id]))
+        mask.append(np.array([piece.trainable]))
     _flush_text(run, tok, ids, mask)
-    return ids, mask
+    if not ids:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    return np.concatenate(ids).astype(np.int64, copy=False), np.concatenate(mask)
 
 
-def _flush_text(run: list[Piece], tok: Tokenizer, ids: list[int], mask: list[bool]) -> None:
-    """Tokenize a run of text pieces as one string; a token's mask is that of the piece it starts in."""
+def _flush_text(run: list[Piece], tok: Tokenizer, ids: list, mask: list) -> None:
+    """Tokenize a run of text pieces as one string; a token's mask is its first byte's piece's."""
     if not run:
         return
     encoded = [p.text.encode("utf-8") for p in run]
@@ -108,8 +118,8 @@ def _flush_text(run: list[Piece], tok: Tokenizer, ids: list[int], mask: list[boo
     piece_ends = np.cumsum([len(e) for e in encoded])
     which = np.searchsorted(piece_ends, starts, side="right")
     trainable = np.array([p.trainable for p in run])
-    ids.extend(run_ids)
-    mask.extend(trainable[np.minimum(which, len(run) - 1)].tolist())
+    ids.append(run_ids)
+    mask.append(trainable[np.minimum(which, len(run) - 1)])
 
 
 def generation_prompt_ids(messages: Sequence[dict], tok: Tokenizer, add_bos: bool = True

@@ -1,9 +1,10 @@
 """Tokenized SFT / DPO / RLVR datasets, built once from a source or mixture and cached.
 
 ``build_dataset("sft", "data/train.jsonl", tok, max_len=4096, cache_dir="runs/cache")`` reads the
-rows, validates and tokenizes them (a progress bar if asked), and saves the result under a key made of
-the files' content hash, the tokenizer's name, the template, add_bos, max_len, the mixture and the
-seed. A restart or another rank with the same key reads the arrays back (memory-mapped) instead.
+rows, validates and tokenizes them (a progress bar if asked), and saves the result under a key
+made of the files' content hash, the tokenizer's name, the template, add_bos, max_len, the mixture
+and the seed. A restart or another rank with the same key reads the arrays back (memory-mapped)
+instead.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from tulu3.data.examples import (
     RLVRPrompt,
     RowError,
     SFTExample,
+    sft_arrays,
     tokenize_dpo,
     tokenize_rlvr,
-    tokenize_sft,
 )
 from tulu3.data.loading import data_files, load_mixture, parse_mixture
 from tulu3.data.tokenizer import Tokenizer
@@ -149,11 +150,10 @@ def _examples(rows: list, tokenize: Callable, tok: Tokenizer, max_len: int, add_
 
 
 def _tokenize_sft(rows, tok, max_len, add_bos, skip, stats, progress):
-    examples = _examples(rows, tokenize_sft, tok, max_len, add_bos, skip, stats, progress,
+    examples = _examples(rows, sft_arrays, tok, max_len, add_bos, skip, stats, progress,
                          "tokenizing sft")
-    tokens = Ragged.from_lists([ex.input_ids for ex in examples])
-    trained = Ragged.from_lists([[label != IGNORE for label in ex.labels] for ex in examples],
-                                dtype=np.uint8)
+    tokens = Ragged.from_lists([ids for ids, _ in examples])
+    trained = Ragged.from_lists([mask for _, mask in examples], dtype=np.uint8)
     return {**tokens.arrays("tokens"), **trained.arrays("trained")}, {}
 
 

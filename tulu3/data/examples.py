@@ -1,7 +1,8 @@
 """Rows (Tülu 3's JSON formats) -> token-level examples for SFT, DPO and RLVR.
 
 Row formats (DESIGN.md): SFT ``{"messages": [...]}``; DPO ``{"chosen": [...], "rejected": [...]}``
-whose shared prefix is the prompt; RLVR ``{"messages": [...], "ground_truth": str, "dataset": str}``.
+whose shared prefix is the prompt; RLVR ``{"messages": [...], "ground_truth": str,
+"dataset": str}``.
 A malformed row raises :class:`RowError` naming where it came from (``file:line``); the loader turns
 that into skip-and-count when ``skip_bad_rows`` is set. An example that loses every trained token to
 truncation is not an error: the tokenize functions return None and count the reason in ``stats``.
@@ -14,7 +15,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tulu3.data.chat_template import ROLES, generation_prompt_ids, tokenize_conversation
+import numpy as np
+
+from tulu3.data.chat_template import (
+    ROLES,
+    generation_prompt_ids,
+    tokenize_conversation,
+    tokenize_conversation_arrays,
+)
 from tulu3.data.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -91,16 +99,26 @@ def tokenize_sft(row: dict, tok: Tokenizer, max_len: int, add_bos: bool = True,
     Returns None (counted as ``stats["dropped_no_trained_tokens"]``) when no trained token is left
     that the model could predict (position 0 is never a target).
     """
+    arrays = sft_arrays(row, tok, max_len, add_bos, where, stats)
+    if arrays is None:
+        return None
+    ids, mask = arrays
+    return SFTExample(ids.tolist(), np.where(mask, ids, IGNORE).tolist())
+
+
+def sft_arrays(row: dict, tok: Tokenizer, max_len: int, add_bos: bool = True,
+               where: str = "<row>", stats: Counter | None = None
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`tokenize_sft` as (int64 [n] ids, bool [n] trained): the dataset builder's path."""
     messages = validate_messages(_require_dict(row, where).get("messages"), where)
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(where, "no assistant message: nothing to train on")
-    ids, mask = tokenize_conversation(messages, tok, add_bos)
+    ids, mask = tokenize_conversation_arrays(messages, tok, add_bos)
     ids, mask = ids[:max_len], mask[:max_len]
-    if not any(mask[1:]):
+    if not mask[1:].any():
         _count(stats, "dropped_no_trained_tokens")
         return None
-    labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-    return SFTExample(ids, labels)
+    return ids, mask
 
 
 def dpo_prompt(row: dict, where: str) -> tuple[list[dict], dict, dict]:

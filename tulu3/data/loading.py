@@ -157,7 +157,7 @@ class Source:
     def take(self, available: int) -> int:
         if self.count is not None:
             return self.count
-        return int(round((1.0 if self.fraction is None else self.fraction) * available))
+        return round((1.0 if self.fraction is None else self.fraction) * available)
 
 
 def parse_mixture(spec: object) -> list[Source]:
@@ -171,7 +171,7 @@ def parse_mixture(spec: object) -> list[Source]:
     if isinstance(spec, dict):
         spec = [spec]
     if not isinstance(spec, Sequence):
-        raise ValueError(f"bad data source {spec!r}: a path or a list of {{path, fraction|count}}")
+        raise TypeError(f"bad data source {spec!r}: a path or a list of {{path, fraction|count}}")
     return [_parse_entry(entry) for entry in spec]
 
 
@@ -221,7 +221,6 @@ def write_jsonl(rows: Sequence[object], path: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(tmp, path)
     return str(path)

@@ -66,18 +66,25 @@ def plan_micro_batches(lengths: Sequence[int | Sequence[int]], max_len: int,
     items = [(length,) if isinstance(length, (int, np.integer)) else tuple(length)
              for length in lengths]
     order = sorted(range(len(items)), key=lambda i: -sum(items[i]))
+    budget = rows_per_micro_batch * max_len
     plans: list[list[int]] = []
+    used: list[int] = []  # tokens per plan: a cheap bound before the exact packing check
     for i in order:
-        for plan in plans:
+        size = sum(items[i])
+        for k, plan in enumerate(plans):
+            if used[k] + size > budget:
+                continue
             seqs = [n for j in plan + [i] for n in items[j]]
             if len(best_fit_pack(seqs, max_len)) <= rows_per_micro_batch:
                 plan.append(i)
+                used[k] += size
                 break
         else:
             if len(best_fit_pack(items[i], max_len)) > rows_per_micro_batch:
                 raise ValueError(f"item {i} ({items[i]} tokens) does not fit in "
                                  f"{rows_per_micro_batch} rows of {max_len}")
             plans.append([i])
+            used.append(size)
     return plans
 
 
@@ -178,7 +185,7 @@ def cu_seqlens(seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def packed_seq_params(seq_ids: torch.Tensor):
-    """megatron ``PackedSeqParams`` (THD) for TE attention; the model then sees tokens [1, b * s]."""
+    """megatron ``PackedSeqParams`` (THD) for TE attention; the model sees tokens as [1, b * s]."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     bounds, longest = cu_seqlens(seq_ids)

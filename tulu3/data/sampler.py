@@ -1,10 +1,11 @@
 """Global-batch sampling: a seeded shuffle per epoch, sharded over data-parallel ranks only.
 
-Step k of the run takes the global batch ``perm_e[j * G:(j + 1) * G]`` (epoch e, step j within it) of
-the epoch's permutation; DP rank r gets the r-th contiguous slice of it, cut into micro-batches. TP,
-PP and CP ranks of one DP rank construct the sampler with the same ``dp_rank`` and so see the same
-data. The only state is the number of steps consumed, so a resumed run continues at the very next
-global batch, even with a different ``dp_size`` (the global batch is the same set of examples).
+Step k of the run takes the global batch ``perm_e[j * G:(j + 1) * G]`` (epoch e, step j within
+it) of the epoch's permutation; DP rank r gets the r-th contiguous slice of it, cut into
+micro-batches. TP, PP and CP ranks of one DP rank construct the sampler with the same ``dp_rank``
+and so see the same data. The only state is the number of steps consumed, so a resumed run
+continues at the very next global batch, even with a different ``dp_size`` (the global batch is
+the same set of examples).
 A last partial global batch of each epoch is dropped (every step has exactly ``global_batch``).
 """
 

@@ -1,21 +1,22 @@
 """Tokenizers: a Llama 3 tiktoken file, a sentencepiece model, or an HF directory holding either.
 
-Every backend exposes the same small surface (:class:`Tokenizer`): ``encode`` (plain text, no special
-tokens), ``decode``, ``bos_id`` / ``eos_id`` / ``pad_id``, ``vocab_size`` (specials included) and a
-stable ``name`` for cache keys. ``encode_with_offsets`` also returns the UTF-8 byte offset where each
-token starts: the chat template uses it to tokenize a whole conversation at once (exactly as the
-released Tülu 3 models saw it) and still know which tokens came from assistant text.
+Every backend exposes the same small surface (:class:`Tokenizer`): ``encode`` (plain text, no
+special tokens), ``decode``, ``bos_id`` / ``eos_id`` / ``pad_id``, ``vocab_size`` (specials
+included) and a stable ``name`` for cache keys. ``encode_with_offsets`` also returns the UTF-8 byte
+offset where each token starts: the chat template uses it to tokenize a whole conversation at once
+(exactly as the released Tülu 3 models saw it) and still know which tokens came from assistant text.
 
 Llama 3's ``tokenizer.model`` is a text file of ``base64(token_bytes) rank`` lines (128000 of them);
-Meta's tokenizer numbers 256 special tokens after them. The special-token names below are the Llama 3.1
-ones (as in its HF ``tokenizer.json``); the ids that matter (begin/end of text, header ids, eot) are at
-the same offsets in every Llama 3 release.
+Meta's tokenizer numbers 256 special tokens after them. The special-token names below are the
+Llama 3.1 ones (as in its HF ``tokenizer.json``); the ids that matter (begin/end of text, header
+ids, eot) are at the same offsets in every Llama 3 release.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 from collections import Counter
@@ -61,8 +62,8 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
-        """Like :meth:`encode`, plus int64 [n] UTF-8 byte offset in ``text`` where each token starts."""
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [n] ids as :meth:`encode`, and int64 [n] UTF-8 byte offset where each starts."""
         raise NotImplementedError
 
     def token_to_id(self, token: str) -> int | None:
@@ -114,11 +115,13 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
-        ids = self._enc.encode_ordinary(text)
-        lengths = self._byte_len[np.asarray(ids, dtype=np.int64)]
-        starts = np.cumsum(lengths) - lengths
-        return ids, starts
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        try:  # straight into numpy: no Python list of ints on the hot path
+            ids = self._enc.encode_to_numpy(text, disallowed_special=()).astype(np.int64)
+        except UnicodeEncodeError:  # lone surrogates: encode_ordinary repairs them
+            ids = np.asarray(self._enc.encode_ordinary(text), dtype=np.int64)
+        lengths = self._byte_len[ids]
+        return ids, np.cumsum(lengths) - lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
@@ -154,13 +157,14 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         try:  # sentencepiece >= 0.2.3
             out = self._sp.encode(text, return_type="offset_mapping", return_bytes=True)
-            return out["ids"], np.asarray([b for b, _ in out["offsets"]], dtype=np.int64)
+            ids, starts = out["ids"], [b for b, _ in out["offsets"]]
         except (TypeError, ValueError):  # older releases: spans (in UTF-8 bytes) via the proto
             pieces = self._sp.encode(text, out_type="immutable_proto").pieces
-            return [p.id for p in pieces], np.asarray([p.begin for p in pieces], dtype=np.int64)
+            ids, starts = [p.id for p in pieces], [p.begin for p in pieces]
+        return np.asarray(ids, dtype=np.int64), np.asarray(starts, dtype=np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -246,7 +250,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def _read_hf_tokenizer_json(data: bytes, file: Path) -> tuple[dict[bytes, int], dict[str, int], str]:
+def _read_hf_tokenizer_json(data: bytes, file: Path
+                            ) -> tuple[dict[bytes, int], dict[str, int], str]:
     """Byte-level BPE ``tokenizer.json`` (Llama 3 style: ids are merge ranks) -> tiktoken tables."""
     spec = json.loads(data)
     model = spec.get("model", {})
@@ -267,7 +272,7 @@ def _read_hf_tokenizer_json(data: bytes, file: Path) -> tuple[dict[bytes, int], 
 def train_bpe(texts: Sequence[str], num_merges: int, pattern: str = LLAMA3_PATTERN) -> list[bytes]:
     """Greedy byte-level BPE: the ``num_merges`` merged tokens in the order they were learned.
 
-    Each step merges the most frequent adjacent pair (ties -> smallest bytes, so it is deterministic)
+    Each step merges the most frequent adjacent pair (ties -> smallest bytes: deterministic)
     within the regex pre-tokens, as GPT-2/Llama 3 tokenizers were trained. Sized for test corpora.
     """
     words = Counter(chunk.encode("utf-8") for text in texts
@@ -279,7 +284,7 @@ def train_bpe(texts: Sequence[str], num_merges: int, pattern: str = LLAMA3_PATTE
     while len(merged) < num_merges:
         pairs: Counter = Counter()
         for word, freq in zip(pieces, freqs):
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += freq
         if not pairs:
             break

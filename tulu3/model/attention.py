@@ -16,7 +16,7 @@ from megatron.core.utils import divide
 
 
 class SDPAttention(MegatronModule):
-    """softmax(Q K^T / sqrt(d) + mask) V over this TP rank's heads, via ``F.scaled_dot_product_attention``.
+    """softmax(Q K^T / sqrt(d) + mask) V over this TP rank's heads, with PyTorch SDPA.
 
     Inputs are megatron's layout: query [s, b, heads_local, d], key/value [s, b, groups_local, d];
     ``attention_mask`` is None (plain causal) or a bool tensor [b or 1, 1, s, s] where True means

@@ -49,7 +49,8 @@ def resolve_shape(cfg: ModelConfig) -> LlamaShape:
                  if getattr(cfg, f.name, None) is not None}
     shape = dataclasses.replace(PRESETS[cfg.preset], **overrides)
     if shape.hidden % shape.heads:
-        raise ConfigError(f"model.hidden={shape.hidden} is not divisible by model.heads={shape.heads}")
+        raise ConfigError(f"model.hidden={shape.hidden} is not divisible by "
+                          f"model.heads={shape.heads}")
     if shape.heads % shape.kv_heads:
         raise ConfigError(f"model.heads={shape.heads} is not divisible by "
                           f"model.kv_heads={shape.kv_heads}")

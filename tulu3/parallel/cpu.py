@@ -130,6 +130,30 @@ def _patch_megatron() -> None:
     _patch_p2p()
 
 
+class _PatientQueue:
+    """A fork-context queue whose ``get_nowait`` waits a little.
+
+    megatron reads the writer's results with ``get_nowait`` right after the write; a
+    multiprocessing.Queue hands items over through a feeder thread, so an item put a moment ago
+    (by this very process when there is one writer) may not be readable yet.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def put(self, item: Any) -> None:
+        self._inner.put(item)
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.get(*args, **kwargs)
+
+    def get_nowait(self) -> Any:
+        return self._inner.get(timeout=60)
+
+    def empty(self) -> bool:
+        return self._inner.empty()
+
+
 def _patch_async_writer() -> None:
     """Give dist_checkpointing's writer a fork-context queue (spawn re-imports ``__main__``)."""
     import multiprocessing as mp
@@ -143,7 +167,7 @@ def _patch_async_writer() -> None:
 
     def get_queue() -> Any:
         if queue["q"] is None:
-            queue["q"] = mp.get_context("fork").Queue()
+            queue["q"] = _PatientQueue(mp.get_context("fork").Queue())
         return queue["q"]
 
     setattr(filesystem_async, manager_attr, get_queue)

@@ -9,7 +9,8 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from tulu3.parallel.layout import ParallelLayout
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], layout: ParallelLayout) -> list[DistributedDataParallel]:
+def wrap_ddp(chunks: list[torch.nn.Module],
+             layout: ParallelLayout) -> list[DistributedDataParallel]:
     """One DDP wrapper per chunk; fp32 grad buffers (``param.main_grad``) reduced over DP.
 
     With ``calculate_per_token_loss`` (always on in tulu3) megatron does not average grads over

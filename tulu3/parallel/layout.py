@@ -85,4 +85,16 @@ def make_layout(cfg: Config, world_size: int) -> ParallelLayout:
     if par.vpp > 1 and micro_batches % par.pp:
         raise LayoutError(f"interleaved pipelining needs micro-batches per step ({micro_batches}) "
                           f"to be a multiple of parallel.pp={par.pp}")
+    if par.vpp > 1 and micro_batches == par.pp and not _has_cuda():
+        # Measured: megatron's all-warm-up interleaved path (micro-batches == pp) deadlocks on
+        # gloo (its p2p calls pair differently on the two ranks); 2 x pp runs and is exact.
+        raise LayoutError(f"interleaved pipelining on CPU/gloo needs more micro-batches per step "
+                          f"({micro_batches}) than parallel.pp={par.pp}: raise "
+                          "train.global_batch or lower train.micro_batch")
     return layout
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -24,7 +24,7 @@ class GPUSpec:
     ib_bandwidth: float
     """Inter-node bandwidth per GPU and direction, bytes/s (one NIC per GPU)."""
     compute_efficiency: float = 0.75
-    """Fraction of peak FLOP/s that large training GEMMs reach (what the brief's 0.75 x 989 means)."""
+    """Fraction of peak FLOP/s that large training GEMMs reach (0.75 x 989 TFLOP/s on H100)."""
     comm_efficiency: float = 0.8
     """Fraction of link bandwidth NCCL collectives reach for large messages (nccl-tests busbw)."""
     memory_efficiency: float = 0.8

@@ -3,7 +3,10 @@ activations each stage holds at its peak under Megatron's 1F1B and interleaved s
 
 from __future__ import annotations
 
+from functools import lru_cache
 
+
+@lru_cache(maxsize=4096)
 def split_kind(layers: int, pp: int, vpp: int) -> str | None:
     """How ``layers`` split over ``pp`` ranks x ``vpp`` chunks: "even", "uneven" or None (neither).
 
@@ -21,7 +24,8 @@ def split_kind(layers: int, pp: int, vpp: int) -> str | None:
     return None
 
 
-def chunk_layers(layers: int, pp: int, vpp: int, uneven: bool) -> list[list[int]]:
+@lru_cache(maxsize=4096)
+def chunk_layers(layers: int, pp: int, vpp: int, uneven: bool) -> tuple[tuple[int, ...], ...]:
     """Transformer layers per model chunk: ``result[rank][chunk]`` (chunk = virtual stage)."""
     units = layers + 2 if uneven else layers
     per = units // (pp * vpp)
@@ -29,7 +33,7 @@ def chunk_layers(layers: int, pp: int, vpp: int, uneven: bool) -> list[list[int]
     if uneven:
         result[0][0] -= 1  # the embedding takes one layer's place in the first virtual stage
         result[pp - 1][vpp - 1] -= 1  # the loss (output layer) takes one in the last
-    return result
+    return tuple(tuple(sizes) for sizes in result)
 
 
 def inflight_passes(rank: int, pp: int, vpp: int, micro_batches: int) -> int:
@@ -50,7 +54,8 @@ def inflight_passes(rank: int, pp: int, vpp: int, micro_batches: int) -> int:
     return min(warmup + 1, total)
 
 
-def peak_inflight_layers(sizes: list[int], rank: int, pp: int, micro_batches: int) -> int:
+@lru_cache(maxsize=4096)
+def peak_inflight_layers(sizes: tuple[int, ...], rank: int, pp: int, micro_batches: int) -> int:
     """Layer activations (in layer x micro-batch units) that ``rank`` holds at its peak.
 
     ``sizes`` are the rank's chunk sizes. The interleaved schedule runs forwards in groups of pp
@@ -63,7 +68,11 @@ def peak_inflight_layers(sizes: list[int], rank: int, pp: int, micro_batches: in
         return count * sizes[0]
     total = micro_batches * vpp
     order = [sizes[(j // pp) % vpp] for j in range(min(total, count + pp * vpp))]
-    return max(sum(order[start:start + count]) for start in range(len(order) - count + 1))
+    window = best = sum(order[:count])
+    for start in range(1, len(order) - count + 1):  # slide the window one pass at a time
+        window += order[start + count - 1] - order[start - 1]
+        best = max(best, window)
+    return best
 
 
 def bubble_fraction(pp: int, vpp: int, micro_batches: int) -> float:

@@ -1,0 +1,295 @@
+"""The tulu3 checkpoint directory, shared by the converters and the trainer.
+
+    CKPT/
+      tulu3.json   format version, model shape, vocab (+ padded), layout saved with, dtype, step,
+                   tokenizer, and the source HF config.json / generation_config.json (for export)
+      model/       megatron dist_checkpointing (torch_dist) of the model's sharded state dict
+      optimizer/   ... (the trainer's; converters never write it, reshard does not carry it)
+
+``model/`` holds megatron's *global* tensors: layer tensors are stacked on a leading layer axis
+(``decoder.layers.self_attention.linear_qkv.weight`` is [layers, (heads + 2 kv) x d, hidden]) and
+every rank's shard is a chunk of it, so the directory does not depend on TP/PP/VPP: megatron
+loads it at any layout. Two things depend on TP: the embedding/output rows (vocab padded to
+128 x TP; megatron loads them with ``allow_shape_mismatch``, zero-filling or cutting padding
+rows) and how the stored chunks are cut (one per TP shard, so a load at the saved TP reads only
+its own bytes).
+
+Trainer use: ``save_model(chunks, ckpt)`` + ``write_meta(ckpt, make_meta(...))`` on rank 0;
+``load_model(chunks, ckpt)`` (or ``checkpoints_tools.load.load_into_chunks``) to read it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpoints_tools import ConversionError
+from checkpoints_tools.dcp_io import DistReader
+from checkpoints_tools.hf_config import expected_hf_shapes
+from tulu3.model.hf_mapping import TABLE, Rule, hf_names
+from tulu3.model.presets import LlamaShape, padded_vocab
+
+FORMAT_NAME = "tulu3"
+FORMAT_VERSION = 1
+META_FILE = "tulu3.json"
+MODEL_DIR = "model"
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# megatron's local spec maps its norms to the TE names in sharded_state_dict
+# (``sharded_state_dict_keys_map``), so on disk the TE names are the only ones.
+_LOCAL_ONLY = {"decoder.layers.{i}.input_layernorm.weight",
+               "decoder.layers.{i}.pre_mlp_layernorm.weight"}
+DISK_RULES: tuple[Rule, ...] = tuple(r for r in TABLE if r.megatron not in _LOCAL_ONLY)
+
+
+@dataclass
+class CheckpointMeta:
+    """``tulu3.json``: what a reader needs besides the tensors."""
+
+    shape: LlamaShape
+    vocab: int
+    padded_vocab: int
+    tp: int
+    pp: int
+    vpp: int
+    dtype: str  # fp32 | bf16
+    step: int = 0
+    tokenizer: str | None = None
+    hf_config: dict[str, Any] | None = None
+    hf_generation_config: dict[str, Any] | None = None
+    created_by: str = ""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "") -> CheckpointMeta:
+        data = json.loads(text)
+        if data.get("format") != FORMAT_NAME:
+            raise ConversionError(f"{where}: not a tulu3 checkpoint (format {data.get('format')})")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ConversionError(f"{where}: format version {data['format_version']} is newer "
+                                  f"than this code's {FORMAT_VERSION}")
+        data["shape"] = LlamaShape(**data["shape"])
+        return cls(**data)
+
+
+def make_meta(shape: LlamaShape, tp: int, pp: int, vpp: int, dtype: str, step: int = 0,
+              tokenizer: str | None = None, created_by: str = "tulu3.train",
+              hf_config: dict | None = None, hf_generation_config: dict | None = None
+              ) -> CheckpointMeta:
+    """The metadata of a checkpoint of ``shape`` saved at TP ``tp`` (vocab = ``shape.vocab``)."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {list(DTYPE_NAMES)}")
+    return CheckpointMeta(shape=shape, vocab=shape.vocab,
+                          padded_vocab=padded_vocab(shape.vocab, tp), tp=tp, pp=pp, vpp=vpp,
+                          dtype=dtype, step=step, tokenizer=tokenizer, hf_config=hf_config,
+                          hf_generation_config=hf_generation_config, created_by=created_by)
+
+
+def is_tulu3_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def write_meta(ckpt_dir: str | Path, meta: CheckpointMeta) -> None:
+    """Write ``tulu3.json`` (atomically: a reader never sees half a file). Rank 0 only."""
+    path = Path(ckpt_dir) / META_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(meta.to_json())
+    tmp.replace(path)
+
+
+def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise ConversionError(f"{ckpt_dir}: no {META_FILE}: not a tulu3 checkpoint")
+    return CheckpointMeta.from_json(path.read_text(), str(path))
+
+
+# --- what is on disk ------------------------------------------------------------------------
+
+
+def disk_plan(shape: LlamaShape) -> list[tuple[Rule, int | None]]:
+    """Every (rule, layer) stored in ``model/``, in HF order (embedding, layers, norm, head)."""
+    plan: list[tuple[Rule, int | None]] = []
+    layer_rules = [r for r in DISK_RULES if "{i}" in r.megatron]
+    plan.append((_rule("embedding.word_embeddings.weight"), None))
+    for i in range(shape.layers):
+        plan += [(r, i) for r in layer_rules]
+    plan.append((_rule("decoder.final_layernorm.weight"), None))
+    if not shape.tied_embeddings:  # tied: the last stage's copy is stored under the embedding
+        plan.append((_rule("output_layer.weight"), None))
+    return plan
+
+
+def _rule(name: str) -> Rule:
+    return next(r for r in TABLE if r.megatron == name)
+
+
+def sharded_key(rule: Rule) -> str:
+    """The ShardedTensor key: layer tensors drop the layer number (it becomes an axis)."""
+    return rule.megatron.replace("decoder.layers.{i}.", "decoder.layers.")
+
+
+def disk_shape(global_shape: tuple[int, ...], layer: int | None, layers: int
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stored global shape, offset prefix) of one layer's tensor: a leading layer axis."""
+    if layer is None:
+        return global_shape, ()
+    return (layers, *global_shape), (layer,)
+
+
+def tp_regions(rule: Rule, global_shape: tuple[int, ...], tp: int
+               ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The (offsets, sizes) of the chunks megatron stores for one global tensor at ``tp``.
+
+    Mirrors :func:`tulu3.model.hf_mapping.shard`: vocab/qkv split rows, ``row`` linears split
+    columns, ``fc1`` stores gate and up pieces separately (megatron's swiglu factory: 2 x TP
+    chunks, also at TP 1), replicated tensors are one chunk.
+    """
+    rows = global_shape[0]
+    rest = tuple(global_shape[1:])
+    zeros = (0,) * len(rest)
+    if rule.kind == "replicated" or (tp == 1 and rule.kind != "fc1"):
+        return [((0, *zeros), tuple(global_shape))]
+    if rule.kind in ("vocab", "qkv"):
+        step = rows // tp
+        return [((r * step, *zeros), (step, *rest)) for r in range(tp)]
+    if rule.kind == "fc1":
+        step = rows // (2 * tp)
+        return [((r * step, *zeros), (step, *rest)) for r in range(2 * tp)]
+    if rule.kind == "row":
+        cols = rest[0] // tp
+        return [((0, c * cols), (rows, cols)) for c in range(tp)]
+    raise ValueError(rule.kind)
+
+
+def check_layout(shape: LlamaShape, tp: int, pp: int, vpp: int) -> None:
+    """Raise ConversionError when TP/PP/VPP cannot split ``shape`` (names the numbers)."""
+    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp)):
+        if value < 1:
+            raise ConversionError(f"--{name}={value} must be >= 1")
+    if shape.heads % tp:
+        raise ConversionError(f"--tp={tp} does not divide the {shape.heads} attention heads")
+    if shape.kv_heads % tp:
+        raise ConversionError(f"--tp={tp} does not divide the {shape.kv_heads} kv heads "
+                              "(query groups)")
+    if shape.ffn_hidden % tp:
+        raise ConversionError(f"--tp={tp} does not divide ffn_hidden={shape.ffn_hidden}")
+    if vpp > 1 and pp == 1:
+        raise ConversionError(f"--vpp={vpp} needs --pp > 1")
+    if shape.layers % (pp * vpp):
+        raise ConversionError(f"--pp x --vpp = {pp} x {vpp} does not divide the {shape.layers} "
+                              "layers")
+
+
+# --- reading and writing directories -------------------------------------------------------
+
+
+def prepare_output(out: Path, force: bool, ours: list[Path]) -> None:
+    """Refuse a non-empty ``out`` unless ``force``; with force remove only what we write."""
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConversionError(f"--out {out} is not empty (use --force to overwrite)")
+        for path in ours:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_checkpoint(reader: DistReader, meta: CheckpointMeta) -> None:
+    """Raise, naming the tensor, when ``model/`` lacks a tensor or has a wrong global shape."""
+    shape = meta.shape
+    hf = expected_hf_shapes(shape)
+    for rule, layer in disk_plan(shape):
+        key = sharded_key(rule)
+        got = reader.global_shape(key)  # raises when missing
+        names = hf_names(rule, layer, shape.tied_embeddings)
+        want = [sum(hf[n][0] for n in names), *hf[names[0]][1:]]
+        if layer is not None:
+            want = [shape.layers, *want]
+        if rule.kind == "vocab":  # stored rows: vocab padded for the TP it was saved at
+            ok = got[0] >= shape.vocab and list(got[1:]) == want[1:]
+        else:
+            ok = list(got) == want
+        if not ok:
+            raise ConversionError(f"{reader.dir}: tensor {key!r} has global shape {list(got)}; "
+                                  f"tulu3.json's shape implies {want}")
+
+
+def read_global(reader: DistReader, rule: Rule, layer: int | None, vocab_rows: int
+                ) -> torch.Tensor:
+    """One layer's (or a non-layer) megatron global tensor from ``model/``; vocab tensors are
+    cut to ``min(vocab_rows, stored rows)`` rows (padding rows never read for an export)."""
+    key = sharded_key(rule)
+    full = reader.global_shape(key)
+    if layer is not None:
+        return reader.read(key, (layer, *[0] * (len(full) - 1)), (1, *full[1:])).view(full[1:])
+    if rule.kind == "vocab":
+        full = (min(vocab_rows, full[0]), *full[1:])
+    return reader.read(key, (0,) * len(full), full)
+
+
+# --- megatron save/load (collective: every rank of the model calls these) ---------------------
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """The sharded state dict of this rank's model chunks (one per virtual stage).
+
+    Each chunk's ShardedTensor keys are already global (megatron's TransformerBlock puts the
+    global layer number, VPP included, in the layer-axis offset), so chunks are only nested
+    under ``chunk{i}`` to keep their local names apart.
+    """
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def save_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path) -> None:
+    """``dist_checkpointing.save`` of the chunks into ``CKPT/model`` (every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    model_dir = Path(ckpt_dir) / MODEL_DIR
+    if torch.distributed.get_rank() == 0:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(model_dir))
+
+
+def load_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path) -> None:
+    """Load ``CKPT/model`` into the chunks, at this process's layout (every rank calls it).
+
+    Weights only: ``_extra_state`` objects (TE's FP8 scaling state) are loaded when present and
+    left at their defaults when not (converted checkpoints have none). Any other missing or
+    unexpected parameter is an error.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_dir = Path(ckpt_dir) / MODEL_DIR
+    stored_objects = set(DistReader(model_dir).objects)
+    request = model_sharded_state_dict(chunks)
+    for sub in request.values():
+        for name in [n for n, v in sub.items() if isinstance(v, ShardedObject)
+                     and n.endswith("_extra_state") and v.unique_key not in stored_objects]:
+            del sub[name]
+    loaded = dist_checkpointing.load(request, str(model_dir))
+    for i, chunk in enumerate(chunks):
+        result = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ConversionError(f"{ckpt_dir}: chunk {i}: missing {missing}, unexpected "
+                                  f"{result.unexpected_keys}")

@@ -1,0 +1,209 @@
+"""Step time: model FLOPs at an achievable rate, the pipeline bubble, and communication.
+
+One step is one ``train.global_batch`` (for rlvr: one rollout batch and its PPO epochs).
+Every pass of every model over a micro-batch runs on the slowest pipeline rank's clock; the
+pipeline adds (p - 1) / v of those clocks (Narayanan et al. 2021). TP collectives sit on the
+critical path; the DP gradient reduce-scatter / all-gather overlaps with one micro-batch (the
+last backward, the first forward); context-parallel ring exchanges overlap with attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tulu3.model.presets import LlamaShape
+from tulu3.planner.memory import BF16, FP32, layer_params, rank_params
+from tulu3.planner.pipeline import chunk_layers, split_kind
+from tulu3.planner.problem import Layout, Problem
+
+ADAM_BYTES = 30  # read grad (4) + master, m, v (12), write master, m, v (12) + bf16 weight (2)
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Forward and backward passes one model makes over each micro-batch of a step."""
+
+    shape: LlamaShape
+    head: str  # lm | scalar
+    forward: int
+    backward: int
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per step, by cause."""
+
+    compute: float
+    """Model FLOPs (recomputation included) of the slowest rank at achievable FLOP/s."""
+    tp_comm: float
+    cp_comm: float
+    """Context-parallel K/V exchange not hidden behind attention."""
+    bubble: float
+    pp_comm: float
+    dp_comm: float
+    """Gradient reduce-scatter + parameter all-gather (or all-reduce) not hidden by overlap."""
+    optimizer: float
+    generation: float
+    """RLVR rollouts: prefill + memory-bound decode."""
+
+    @property
+    def total(self) -> float:
+        return (self.compute + self.tp_comm + self.cp_comm + self.bubble + self.pp_comm
+                + self.dp_comm + self.optimizer + self.generation)
+
+    def as_dict(self) -> dict[str, float]:
+        kinds = ("compute", "tp_comm", "cp_comm", "bubble", "pp_comm", "dp_comm", "optimizer",
+                 "generation")
+        return {kind: getattr(self, kind) for kind in kinds} | {"total": self.total}
+
+
+def stage_passes(problem: Problem) -> list[Passes]:
+    """The passes of each model per micro-batch. DPO's cached reference costs its pre-pass, one
+    forward per example, the same as online for one epoch. RLVR (PPO): old log-probs, reference
+    and old values (forwards), then ppo_epochs x (forward + backward) of policy and value."""
+    shape, epochs = problem.shape, problem.ppo_epochs
+    if problem.stage == "rm":
+        return [Passes(shape, "scalar", 1, 1)]
+    if problem.stage == "dpo":
+        return [Passes(shape, "lm", 1, 1), Passes(shape, "lm", 1, 0)]
+    if problem.stage == "rlvr":
+        return [Passes(shape, "lm", 2 + epochs, epochs),
+                Passes(problem.value_shape, "scalar", 1 + epochs, epochs)]
+    return [Passes(shape, "lm", 1, 1)]
+
+
+def _layers_on(shape: LlamaShape, layout: Layout, rank: int) -> int:
+    uneven = split_kind(shape.layers, layout.pp, layout.vpp) == "uneven"
+    return sum(chunk_layers(shape.layers, layout.pp, layout.vpp, uneven)[rank])
+
+
+def _link(problem: Problem, span: int) -> float:
+    """Achievable bandwidth of a group spread over ``span`` consecutive ranks (bytes/s)."""
+    spec = problem.gpu_spec
+    link = spec.nvlink_bandwidth if span <= problem.gpus_per_node else spec.ib_bandwidth
+    return link * spec.comm_efficiency
+
+
+def rank_microbatch_time(problem: Problem, layout: Layout, rank: int,
+                         passes: list[Passes]) -> tuple[float, float, float]:
+    """(compute, tp comm, exposed cp comm) seconds of one micro-batch on pipeline ``rank``."""
+    seq = problem.seq_len
+    tokens = problem.micro_seqs * seq / (layout.tp * layout.cp)  # tokens' share of one GPU
+    flops, tp_volume, cp_time = 0.0, 0.0, 0.0
+    spec = problem.gpu_spec
+    for p in passes:
+        h = p.shape.hidden
+        linear, _ = layer_params(p.shape)
+        fwd = 2 * linear + 4 * h * seq  # per token and layer; attention QK^T + AV, unhalved
+        redo = {"full": fwd, "selective": 4 * h * seq}.get(layout.recompute, 0)
+        layers = _layers_on(p.shape, layout, rank)
+        flops += tokens * layers * (p.forward * fwd + p.backward * (2 * fwd + redo))
+        if rank == layout.pp - 1 and p.head == "lm":
+            flops += tokens * 2 * p.shape.vocab * h * (p.forward + 2 * p.backward)
+        # Two collectives per layer per forward (attention, MLP), two per backward, and the
+        # recomputed forward's two again; ring all-reduce moves 2 (t-1)/t of the message.
+        collectives = 2 * p.forward + 2 * p.backward * (2 if layout.recompute == "full" else 1)
+        message = BF16 * problem.micro_seqs * seq / layout.cp * h
+        tp_volume += layers * collectives * 2 * (layout.tp - 1) / layout.tp * message
+        cp_time += _cp_exposed(problem, layout, p, layers)
+    compute = flops / spec.achievable_flops
+    tp_time = tp_volume / _link(problem, layout.tp) if layout.tp > 1 else 0.0
+    return compute, tp_time, cp_time
+
+
+def _cp_exposed(problem: Problem, layout: Layout, p: Passes, layers: int) -> float:
+    """Ring attention: cp - 1 K/V chunk hops per layer forward, K/V + their grads backward,
+    hidden behind the attention math of the same layer where it is long enough."""
+    if layout.cp == 1:
+        return 0.0
+    shape, seq = p.shape, problem.seq_len
+    kv_dim = shape.kv_heads / layout.tp * shape.head_dim
+    kv = 2 * BF16 * problem.micro_seqs * seq / layout.cp * kv_dim  # this rank's K and V chunk
+    hops = (layout.cp - 1) * (p.forward + 2 * p.backward)
+    comm = hops * kv / _link(problem, layout.tp * layout.cp)
+    tokens = problem.micro_seqs * seq / (layout.tp * layout.cp)
+    attention = tokens * 4 * shape.hidden * seq * (p.forward + 2 * p.backward)
+    return layers * max(0.0, comm - attention / problem.gpu_spec.achievable_flops)
+
+
+def step_time(problem: Problem, layout: Layout) -> StepTime:
+    """Estimated seconds of one step of ``problem`` on ``layout``."""
+    passes = stage_passes(problem)
+    micro_batches = problem.step_seqs // (layout.dp * problem.micro_seqs)
+    ranks = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
+    per_rank = [rank_microbatch_time(problem, layout, r, passes) for r in ranks]
+    compute, tp_time, cp_time = max(per_rank, key=sum)
+    clock = compute + tp_time + cp_time
+    bubble = clock * (layout.pp - 1) / layout.vpp
+    return StepTime(compute=micro_batches * compute, tp_comm=micro_batches * tp_time,
+                    cp_comm=micro_batches * cp_time, bubble=bubble,
+                    pp_comm=_pp_time(problem, layout, passes, micro_batches),
+                    dp_comm=_dp_exposed(problem, layout, passes, ranks, clock),
+                    optimizer=_optimizer_time(problem, layout, passes, ranks),
+                    generation=generation_time(problem, layout))
+
+
+def _pp_time(problem: Problem, layout: Layout, passes: list[Passes], micro_batches: int) -> float:
+    """Point-to-point sends between stages: one per chunk per pass, not overlapped."""
+    if layout.pp == 1:
+        return 0.0
+    message = BF16 * problem.micro_seqs * problem.seq_len / layout.cp * problem.shape.hidden
+    message /= layout.tp if layout.sequence_parallel else 1
+    sends = micro_batches * layout.vpp * sum(p.forward + p.backward for p in passes)
+    return sends * message / _link(problem, 2 * layout.tp * layout.cp * layout.dp)
+
+
+def _optimizer_steps(problem: Problem) -> int:
+    return problem.ppo_epochs if problem.stage == "rlvr" else 1
+
+
+def _trained_params(problem: Problem, layout: Layout, passes: list[Passes],
+                    ranks: list[int]) -> float:
+    return max(sum(rank_params(p.shape, layout, r, p.head) for p in passes if p.backward)
+               for r in ranks)
+
+
+def _dp_exposed(problem: Problem, layout: Layout, passes: list[Passes], ranks: list[int],
+                clock: float) -> float:
+    """Gradient sync over the dp x cp group per optimizer step, minus one micro-batch of overlap.
+
+    Distributed optimizer: reduce-scatter fp32 grads + all-gather bf16 weights, each moving
+    (n-1)/n of the buffer; otherwise an fp32 all-reduce, 2 (n-1)/n.
+    """
+    group = layout.dp * layout.cp
+    if group == 1:
+        return 0.0
+    params = _trained_params(problem, layout, passes, ranks)
+    share = (group - 1) / group
+    volume = share * params * (FP32 + BF16 if layout.distributed_optimizer else 2 * FP32)
+    comm = volume / _link(problem, layout.tp * group)
+    return _optimizer_steps(problem) * max(0.0, comm - clock)
+
+
+def _optimizer_time(problem: Problem, layout: Layout, passes: list[Passes],
+                    ranks: list[int]) -> float:
+    """Adam is memory-bound: ADAM_BYTES per parameter of this rank's optimizer shard."""
+    shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    params = _trained_params(problem, layout, passes, ranks) / shard
+    spec = problem.gpu_spec
+    return _optimizer_steps(problem) * params * ADAM_BYTES / (spec.hbm_bandwidth
+                                                              * spec.memory_efficiency)
+
+
+def generation_time(problem: Problem, layout: Layout) -> float:
+    """RLVR rollouts on the training layout (in-process): compute-bound prefill, then one
+    memory-bound decode step per response token that reads every pipeline stage's weights and
+    half the final KV cache on average. Context parallelism does not split generation."""
+    if problem.stage != "rlvr":
+        return 0.0
+    spec, shape = problem.gpu_spec, problem.shape
+    seqs = -(-problem.step_seqs // layout.dp)
+    params = rank_params(shape, layout, 0)
+    total_params = params * layout.tp * layout.pp  # the replica's weights, per token
+    prompt = problem.seq_len - problem.response_tokens
+    prefill = 2 * total_params * prompt * seqs / (layout.tp * layout.pp * spec.achievable_flops)
+    kv_dim = shape.kv_heads // layout.tp * shape.head_dim
+    kv = 2 * BF16 * _layers_on(shape, layout, 0) * kv_dim * problem.seq_len * seqs / 2
+    read = layout.pp * (BF16 * params + kv) / (spec.hbm_bandwidth * spec.memory_efficiency)
+    math = 2 * total_params * seqs / (layout.tp * layout.pp * spec.achievable_flops)
+    return prefill + problem.response_tokens * max(read, math)
