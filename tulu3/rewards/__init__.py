@@ -26,14 +26,14 @@ from tulu3.rewards.sandbox import PoolStats, VerifierPool
 from tulu3.rewards.summary import pass_at_k, summarize
 
 __all__ = [
+    "PoolStats",
+    "VerifierPool",
     "VerifyResult",
-    "verify",
-    "register_verifier",
     "get_verifier",
+    "pass_at_k",
+    "register_verifier",
     "registered_datasets",
     "rlvr_reward",
-    "VerifierPool",
-    "PoolStats",
     "summarize",
-    "pass_at_k",
+    "verify",
 ]

@@ -1,8 +1,8 @@
 """The verifier contract: :class:`VerifyResult`, the registry, :func:`verify` and the RLVR reward.
 
-A verifier is a plain function ``(response, ground_truth) -> VerifyResult | bool`` registered under a
-dataset name. Built-in ones (gsm8k, math, ifeval) register themselves when ``tulu3.rewards`` is
-imported; a user adds one with a single decorator::
+A verifier is a plain function ``(response, ground_truth) -> VerifyResult | bool`` registered
+under a dataset name. Built-in ones (gsm8k, math, ifeval) register themselves when
+``tulu3.rewards`` is imported; a user adds one with a single decorator::
 
     @register_verifier("my_code_tests")
     def verify_code(response: str, ground_truth: str) -> bool:
@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar, Union
+from typing import TypeVar
 
 __all__ = [
     "VerifyResult",
-    "register_verifier",
-    "get_verifier",
-    "registered_datasets",
-    "verify",
     "as_result",
+    "get_verifier",
+    "register_verifier",
+    "registered_datasets",
     "rlvr_reward",
+    "verify",
 ]
 
 
@@ -57,7 +57,7 @@ class VerifyResult:
         return self.reason.startswith("error:")
 
 
-VerifierFn = Callable[[str, str], Union[VerifyResult, bool]]
+VerifierFn = Callable[[str, str], VerifyResult | bool]
 F = TypeVar("F", bound=VerifierFn)
 
 _REGISTRY: dict[str, VerifierFn] = {}

@@ -10,6 +10,7 @@ solution ending with ``#### 72``.
 from __future__ import annotations
 
 import re
+from collections import deque
 from decimal import Decimal, InvalidOperation
 
 from tulu3.rewards.base import VerifyResult, register_verifier
@@ -44,11 +45,9 @@ def extract_last_number(text: str) -> str | None:
     """The last number in ``text`` as a plain string ("-1234.5"), or None when there is none."""
     start = max(0, len(text) - _TAIL)
     for lo in (start, 0) if start else (0,):
-        last = None
-        for last in _NUMBER.finditer(text, lo):
-            pass
-        if last is not None:
-            return _signed(text, last)
+        last = deque(_NUMBER.finditer(text, lo), maxlen=1)  # the last match, in O(1) memory
+        if last:
+            return _signed(text, last[0])
     return None
 
 

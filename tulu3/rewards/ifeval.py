@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from tulu3.rewards.base import VerifyResult, register_verifier
 from tulu3.rewards.ifeval_constraints import CHECKS
@@ -170,7 +171,7 @@ def parse_constraints(ground_truth: str | dict | list) -> list[Constraint]:
         if isinstance(item, str):
             item = _load(item)
         if not isinstance(item, dict):
-            raise ValueError(f"IFEval constraint must be an object, got {type(item).__name__}")
+            raise TypeError(f"IFEval constraint must be an object, got {type(item).__name__}")
         if "func_name" in item:
             constraints += _from_tulu(item)
         elif "instruction_id_list" in item or "instruction_id" in item:

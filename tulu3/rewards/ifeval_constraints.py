@@ -8,7 +8,8 @@ Tülu 3 reports, with these deliberate choices (each where the reference is loos
 - keyword frequency counts whole words (IFEval counted substrings: "cat" in "category");
 - placeholders must be non-empty (``[name]``); open-instruct's release returned a tuple here, so its
   check always passed; this one can fail;
-- bullets need a space after ``*``/``-``, so ``**bold**`` lines and ``* * *`` dividers are not bullets;
+- bullets need a space after ``*``/``-``, so ``**bold**`` lines and ``* * *`` dividers are not
+  bullets;
 - a postscript needs text after its marker; JSON must be an object or array;
 - all-caps / all-lowercase check the case only: langdetect misreads short texts ("HELLO" -> "vi"),
   which would fail correct answers; the language itself is response_language's job;
@@ -24,7 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["compare", "count_words", "count_sentences", "CHECKS"]
+__all__ = ["CHECKS", "compare", "count_sentences", "count_words"]
 
 DEFAULT_CHOICES = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
 
@@ -50,6 +51,8 @@ def compare(count: int, n: Any, relation: str | None) -> bool:
 
 def _word_pattern(word: str) -> re.Pattern:
     """Whole-word, case-insensitive, literal (keywords are data, never regexes)."""
+    if not word.strip():
+        raise ValueError("empty keyword in the ground truth")
     return re.compile(r"(?<!\w)" + re.escape(word.strip()) + r"(?!\w)", re.IGNORECASE)
 
 
@@ -76,11 +79,11 @@ def _paragraphs(text: str, divider: re.Pattern) -> list[str] | None:
     """Paragraphs split by ``divider``; empty ones at the ends are dropped, one in the middle
     makes the split invalid (None), as in IFEval."""
     parts = [p.strip() for p in divider.split(text)]
-    while parts and not parts[0]:
-        parts.pop(0)
-    while parts and not parts[-1]:
-        parts.pop()
-    return None if any(not p for p in parts) else parts
+    filled = [i for i, p in enumerate(parts) if p]
+    if not filled:
+        return []
+    parts = parts[filled[0]:filled[-1] + 1]
+    return None if len(parts) != len(filled) else parts
 
 
 # --- keywords ------------------------------------------------------------------------------------
@@ -119,15 +122,26 @@ def _langdetect() -> Any:
     return langdetect
 
 
+_LANG_SAMPLE = 5000
+
+
 def check_response_language(text: str, language: str) -> bool:
-    """langdetect's language equals ``language`` (ISO 639-1; "zh" matches "zh-cn")."""
+    """langdetect's language equals ``language`` (ISO 639-1; "zh" matches "zh-cn").
+
+    langdetect reads at most 10,000 characters but cleans the whole text first (seconds on a
+    megabyte); a long response is judged on its first and last 5,000 characters, both of which
+    must be in the language, so switching language halfway still fails."""
+    samples = [text] if len(text) <= 2 * _LANG_SAMPLE else [text[:_LANG_SAMPLE],
+                                                           text[-_LANG_SAMPLE:]]
+    return all(_detected_language(s) == language.strip().lower().split("-")[0] for s in samples)
+
+
+def _detected_language(text: str) -> str | None:
     ld = _langdetect()
     try:
-        detected = ld.detect(text)
+        return ld.detect(text).lower().split("-")[0]
     except ld.LangDetectException:
-        return False
-    want = language.strip().lower()
-    return detected.lower() == want or detected.lower().split("-")[0] == want
+        return None
 
 
 # --- length --------------------------------------------------------------------------------------
@@ -166,7 +180,7 @@ def check_nth_paragraph_first_word(text: str, n: int, nth: int, first_word: str)
 # --- detectable content and format ---------------------------------------------------------------
 
 def check_postscript(text: str, marker: str) -> bool:
-    """A postscript: ``marker`` at a word start (line start, space or markdown before it), then text.
+    """A postscript: ``marker`` at a word start (line start, space or markdown before), then text.
     Spaces inside the marker are optional ("P.S." matches "P. S.")."""
     body = r"\.\s?".join(re.escape(part) for part in marker.strip().split("."))
     pattern = r"(?<![^\s*_>#])" + body + r"[^\S\n]*(?::[^\S\n]*)?\S"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["normalize_answer", "unbox", "split_top_level", "matching_brace"]
+__all__ = ["matching_brace", "normalize_answer", "split_top_level", "unbox"]
 
 # Spacing and sizing commands that carry no meaning in an answer.
 # (?<!\\): in a matrix row break "1 \\ 2" the second backslash and the space are not "\ ".
@@ -39,7 +39,7 @@ _IN_SET = re.compile(r"^\s*[A-Za-z]\s*\\in\s*")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _INT_SLASH = re.compile(r"(-?)(\d+)/(\d+)")
 _CHOICE = re.compile(r"\(([A-Ea-e])\)")
-_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.S)
+_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)
 
 
 def matching_brace(s: str, open_idx: int) -> int:
@@ -75,7 +75,7 @@ def unbox(s: str) -> str:
 
 def _unwrap_commands(s: str) -> str:
     r"""Replace ``\text{X}`` (and friends in ``_UNWRAP``) by ``X``, innermost braces respected."""
-    pattern = re.compile(r"\\(?:%s)\s*\{" % "|".join(_UNWRAP))
+    pattern = re.compile(r"\\(?:" + "|".join(_UNWRAP) + r")\s*\{")
     out = []
     pos = 0
     for m in pattern.finditer(s):
@@ -143,6 +143,14 @@ def _remove_spaces(s: str) -> str:
     return re.sub(r"\s+", "", s).replace("\x00", " ")
 
 
+def _expand_pm(s: str) -> str:
+    r"""``1\pm\sqrt{5}`` -> ``1+\sqrt{5},1-\sqrt{5}`` (one \pm, not already a list): the two
+    solutions it stands for, so it equals an answer that lists them."""
+    if s.count("\\pm") != 1 or len(split_top_level(s)) != 1:
+        return s
+    return s.replace("\\pm", "+") + "," + s.replace("\\pm", "-")
+
+
 def normalize_answer(answer: str) -> str:
     """Canonical string for a MATH answer (see the module docstring for the rules)."""
     s = unbox(answer)
@@ -158,12 +166,12 @@ def normalize_answer(answer: str) -> str:
     if any(ch.isdigit() for ch in without_unit):
         s = without_unit
     s = _unwrap_commands(s)
-    s = re.sub(r"\s*,?\s*\band\b\s*", ",", s) if re.search(r"\band\b", s) else s
+    s = re.sub(r"\s*,?\s*\b(?:and|or)\b\s*", ",", s) if re.search(r"\b(?:and|or)\b", s) else s
     s = _UNIT_WORDS.sub("", s)
     s = ",".join(_strip_lhs(p) for p in split_top_level(s))
     s = _remove_spaces(s)
     s = s.replace("{,}", "").rstrip(".")
-    s = _fix_sqrt(_fix_fracs(s))
+    s = _expand_pm(_fix_sqrt(_fix_fracs(s)))
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)

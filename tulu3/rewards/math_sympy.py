@@ -2,8 +2,10 @@ r"""Symbolic equivalence of two normalized MATH answers with sympy, guarded agai
 
 Model text never reaches ``eval``/``exec``: answers are parsed only by sympy's LaTeX parser
 (``sympy.parsing.latex.parse_latex``, an ANTLR grammar), never by ``sympify``/``parse_expr`` (which
-``eval`` a transformed string). Parsing runs with evaluation off, and the unevaluated tree is checked
-before anything is computed, so ``9^{9^{9^{9}}}`` or ``100000!`` are rejected instead of computed:
+``eval`` a transformed string). The one ``sympify`` on that path is the grammar's own: it hands a
+NUMBER token (digits, "." and ",") to ``sympy.Number``. Parsing runs with evaluation off, and the
+unevaluated tree is checked before anything is computed, so ``9^{9^{9^{9}}}`` or ``100000!`` are
+rejected instead of computed:
 
 - the string: at most ``MAX_CHARS`` characters, bracket nesting at most ``MAX_DEPTH`` (the parser
   and sympy recurse per level), digit runs at most ``MAX_DIGITS``;
@@ -23,7 +25,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["symbolic_equal", "parse_guarded", "MAX_CHARS"]
+__all__ = ["MAX_CHARS", "parse_guarded", "symbolic_equal"]
 
 MAX_CHARS = 256
 MAX_DEPTH = 16
@@ -33,7 +35,7 @@ MAX_EXPONENT = 1000
 MAX_LOG10 = 400
 MAX_FACTORIAL = 200
 
-_DIGIT_RUN = re.compile(r"\d{%d,}" % (MAX_DIGITS + 1))
+_DIGIT_RUN = re.compile(rf"\d{{{MAX_DIGITS + 1},}}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,6 +137,26 @@ def _difference(a: Any, b: Any, sp: Any) -> Any | None:
     return a - b
 
 
+# Points where a difference is evaluated before simplify: irrational-looking values, so that a
+# wrong answer does not vanish there by accident. Fixed, so a reward never changes between runs.
+_PROBES = (0.7236067977, 1.4142135623 + 0.31, 2.7182818284 - 0.5)
+
+
+def _numerically_nonzero(diff: Any, sp: Any) -> bool:
+    """True when ``diff`` is clearly non-zero at a probe point. ``simplify`` costs 10-1000 ms,
+    and most wrong answers are told apart here in about a millisecond. False means "unknown"."""
+    symbols = sorted(diff.free_symbols, key=str)
+    for k, probe in enumerate(_PROBES):
+        point = {s: sp.Float(probe + 0.1 * j * (k + 1)) for j, s in enumerate(symbols)}
+        try:
+            value = complex(diff.xreplace(point).evalf(30))
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+            continue  # undefined there (a pole, an unknown function): try another point
+        if math.isfinite(abs(value)) and abs(value) > 1e-9:
+            return True
+    return False
+
+
 def symbolic_equal(a: str, b: str) -> bool:
     """True when the normalized answers ``a`` and ``b`` parse and ``simplify(a - b) == 0``."""
     x, y = parse_guarded(a), parse_guarded(b)
@@ -143,6 +165,8 @@ def symbolic_equal(a: str, b: str) -> bool:
     sp = _sympy()
     try:
         diff = _difference(x, y, sp)
-        return diff is not None and sp.simplify(diff) == 0
+        if diff is None or _numerically_nonzero(diff, sp):
+            return False
+        return sp.simplify(diff) == 0
     except Exception:  # noqa: BLE001 - sympy raises many types on odd input: "not equal"
         return False

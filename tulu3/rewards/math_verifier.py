@@ -16,13 +16,18 @@ from a response, so listing several candidates cannot game the reward.
 from __future__ import annotations
 
 import re
+from collections import deque
 from fractions import Fraction
 
 from tulu3.rewards.base import VerifyResult, register_verifier
-from tulu3.rewards.math_normalize import matching_brace, normalize_answer, split_top_level
+from tulu3.rewards.math_normalize import (
+    matching_brace,
+    normalize_answer,
+    split_top_level,
+)
 from tulu3.rewards.math_sympy import symbolic_equal
 
-__all__ = ["extract_answer", "answers_match", "verify_math"]
+__all__ = ["answers_match", "extract_answer", "verify_math"]
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BOX_TRIES = 8  # unclosed \boxed{ candidates tried from the end (bounds work on "\boxed{" * 10**4)
@@ -37,7 +42,7 @@ _MAX_ITEMS = 32  # list/tuple elements compared one by one (each may cost a symp
 _INT_OR_DEC = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRAC = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}")
 _MIXED = re.compile(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}")
-_MATRIX = re.compile(r"\\begin\{([pbvB]?matrix)\}(.*)\\end\{\1\}", re.S)
+_MATRIX = re.compile(r"\\begin\{([pbvB]?matrix)\}(.*)\\end\{\1\}", re.DOTALL)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -71,12 +76,11 @@ def _last_math_span(text: str) -> str | None:
 
 
 def _final_answer(text: str) -> str | None:
-    last = None
-    for last in _FINAL.finditer(text):
-        pass
-    if last is None:
+    matches = deque(_FINAL.finditer(text), maxlen=1)  # keeps only the last
+    if not matches:
         return None
-    rest = text[last.end():last.end() + _MAX_ANSWER]
+    end = matches[0].end()
+    rest = text[end:end + _MAX_ANSWER]
     rest = _HOPE.split(rest, maxsplit=1)[0].split("\n", 1)[0].strip()
     span = _last_math_span(rest)
     answer = (span if span is not None else rest).strip().rstrip(".").strip()
@@ -97,7 +101,9 @@ def extract_answer(response: str) -> tuple[str | None, str]:
 
 
 def _as_fraction(s: str) -> Fraction | None:
-    """Exact value of a plain number, \\frac{a}{b} with integers, or a mixed number 2\\frac{1}{2}."""
+    """Exact value of a number, \\frac{a}{b} of integers, or a mixed number like 2\\frac{1}{2}."""
+    if len(s) > 200:  # Python refuses int() of over 4300 digits; no MATH answer is this long
+        return None
     if _INT_OR_DEC.fullmatch(s):
         return Fraction(s)
     m = _FRAC.fullmatch(s)
@@ -120,7 +126,10 @@ def _scalar_equal(a: str, b: str) -> bool:
 
 
 def _unordered_equal(xs: list[str], ys: list[str]) -> bool:
-    if len(xs) != len(ys) or len(xs) > _MAX_ITEMS:
+    """Multiset equality, each pair compared by value (so "\\frac12, 1" equals "1, 0.5")."""
+    if len(xs) != len(ys):
+        return False
+    if len(xs) > _MAX_ITEMS:  # too many for pairwise sympy: compare the strings only
         return sorted(xs) == sorted(ys)
     unused = list(ys)
     for x in xs:

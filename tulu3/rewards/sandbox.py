@@ -34,18 +34,23 @@ import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tulu3.rewards.base import VerifyResult, as_result, get_verifier
 
-__all__ = ["VerifierPool", "PoolStats"]
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at runtime
+    from typing import Self
+
+__all__ = ["PoolStats", "VerifierPool"]
 
 _BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
     "from tulu3.rewards.sandbox import _worker_main; "
     "_worker_main(int(sys.argv[1]), float(sys.argv[3]), int(sys.argv[4]))"
 )
-_PREFETCH_MAX_CHARS = 32_768  # only small items are queued behind a running one (see _dispatch)
+_BATCH = 16  # items per message to a worker
+_BATCH_CHARS = 32_768  # text per message, except a lone item sent to an idle worker
+_MAX_INFLIGHT = 2 * _BATCH  # queued per worker: 2 x 32 KB stays under a socket buffer (~200 KB)
 _MAX_FIELD = 1000  # extracted/reason strings sent back are cut to this many characters
 _START_FAILURES = 3  # consecutive workers dying before ready: give up with an error
 
@@ -85,7 +90,7 @@ def _warm_up() -> None:
     does not spend its time limit on imports."""
     from tulu3.rewards import ifeval_constraints, math_sympy
 
-    math_sympy.parse_guarded("\\frac{1}{2}")
+    math_sympy.symbolic_equal("x^2+2x+1", "(x+1)^2")  # the first simplify sets up sympy's polys
     ifeval_constraints.check_response_language("This is a short English sentence.", "en")
 
 
@@ -106,6 +111,10 @@ def _clip(s: str | None) -> str | None:
 
 def _run_task(task: tuple, cache: dict, timeout_s: float) -> VerifyResult:
     ref, response, ground_truth = task
+    # A previous verifier may have blocked SIGALRM or replaced its handler: undo that first, or
+    # every later item could only end by a kill.
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
@@ -120,23 +129,20 @@ def _run_task(task: tuple, cache: dict, timeout_s: float) -> VerifyResult:
 
 
 def _worker_main(fd: int, timeout_s: float, memory_mb: int) -> None:
-    """Worker loop: receive ``(ref, response, ground_truth)``, send a VerifyResult; None or EOF
-    (the parent is gone) ends it."""
+    """Worker loop: receive a list of ``(ref, response, ground_truth)``, send a VerifyResult per
+    item; None or EOF (the parent is gone) ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _limit_memory(memory_mb)
     conn = Connection(fd)
     _warm_up()
-    signal.signal(signal.SIGALRM, _on_alarm)
-    conn.send(("ready", os.getpid()))
     cache: dict = {}
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        conn.send(("result", _run_task(task, cache, timeout_s)))
+    try:
+        conn.send(("ready", os.getpid()))
+        while (batch := conn.recv()) is not None:
+            for task in batch:  # one message per result: the parent restarts its clock on each
+                conn.send(("result", _run_task(task, cache, timeout_s)))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone
 
 
 # --- parent side ---------------------------------------------------------------------------------
@@ -151,8 +157,12 @@ class _Worker:
     deadline: float = float("inf")
 
 
-def _shutdown(workers: list[_Worker]) -> None:
-    """Stop workers: ask politely, then kill (also run by a finalizer at interpreter exit)."""
+def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
+    """Stop workers: ask politely, then kill (also run by a finalizer at interpreter exit). A
+    process forked from the owner (a data-loader worker) inherits the finalizer but must not stop
+    the owner's workers."""
+    if os.getpid() != owner_pid:
+        return
     for w in workers:
         try:
             w.conn.send(None)
@@ -191,7 +201,7 @@ class VerifierPool:
         self._lock = threading.Lock()
         self._start_failures = 0
         self._workers: list[_Worker] = []
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
         for _ in range(workers):
             self._workers.append(self._spawn())
 
@@ -200,10 +210,10 @@ class VerifierPool:
         """A copy of the counters (scored, timeouts, errors, restarts)."""
         return dataclasses.replace(self._stats)
 
-    def __enter__(self) -> VerifierPool:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -243,9 +253,16 @@ class VerifierPool:
         results: list[VerifyResult | None] = [None] * len(tasks)
         pending = collections.deque(range(len(tasks)))
         with self._lock:
-            while pending or any(w.inflight for w in self._workers):
-                self._dispatch(pending, tasks)
-                self._collect(pending, results)
+            try:
+                while pending or any(w.inflight for w in self._workers):
+                    self._dispatch(pending, tasks)
+                    self._collect(pending, results)
+            except BaseException:
+                # Interrupted (Ctrl-C, a start-up failure): results of this call must not reach
+                # the next one, so retire every worker that still holds items of it.
+                for w in [w for w in self._workers if w.inflight]:
+                    self._replace(w, collections.deque(), kill=True)
+                raise
         return results  # type: ignore[return-value]
 
     @staticmethod
@@ -258,33 +275,50 @@ class VerifierPool:
         return module, qualname
 
     def _dispatch(self, pending: collections.deque, tasks: list) -> None:
-        """Give each ready worker an item, and a second one only when small: a large send blocks
-        until the worker reads it, and a worker stuck on its current item would block us too."""
+        """Send ready workers batches of items (one message, fewer round trips for cheap items).
+
+        Batches are small (``_BATCH_CHARS``) except the first to an idle worker, and at most
+        ``_MAX_INFLIGHT`` items wait per worker: a send blocks once the socket buffer is full, and
+        a worker stuck on an item does not read, so only what fits the buffer is queued behind it.
+        """
         now = time.monotonic()
+        ready = sum(w.ready for w in self._workers)
+        # Spread a short queue over all workers rather than batching it into the first one.
+        size = max(1, min(_BATCH, -(-len(pending) // max(1, ready))))
         for w in self._workers:
-            while pending and w.ready and len(w.inflight) < 2:
-                idx = pending[0]
-                _, response, gt = tasks[idx]
-                if w.inflight and len(response) + len(gt) > _PREFETCH_MAX_CHARS:
+            while pending and w.ready and len(w.inflight) + size <= _MAX_INFLIGHT:
+                batch = self._take_batch(pending, tasks, size, idle=not w.inflight)
+                if not batch:
                     break
-                pending.popleft()
                 try:
-                    w.conn.send(tasks[idx])
+                    w.conn.send([tasks[i] for i in batch])
                 except OSError:  # died between items: _collect sees its EOF and replaces it
-                    pending.appendleft(idx)
+                    pending.extendleft(reversed(batch))
                     break
                 if not w.inflight:
                     w.deadline = now + self.timeout_s + self.kill_grace_s
-                w.inflight.append(idx)
+                w.inflight.extend(batch)
+
+    @staticmethod
+    def _take_batch(pending: collections.deque, tasks: list, size: int, idle: bool) -> list[int]:
+        batch: list[int] = []
+        chars = 0
+        while pending and len(batch) < size:
+            _, response, gt = tasks[pending[0]]
+            chars += len(response) + len(gt)
+            if chars > _BATCH_CHARS and (batch or not idle):
+                break
+            batch.append(pending.popleft())
+        return batch
 
     def _collect(self, pending: collections.deque, results: list) -> None:
         """Wait for results, readiness or deaths until the nearest deadline, then enforce it."""
         now = time.monotonic()
-        waiting = [w for w in self._workers if w.inflight or not w.ready]
-        horizon = min([w.deadline for w in waiting if w.inflight]
-                      + [w.started + self.start_timeout_s for w in waiting if not w.ready]
+        horizon = min([w.deadline for w in self._workers if w.inflight]
+                      + [w.started + self.start_timeout_s for w in self._workers if not w.ready]
                       + [now + 1.0])
-        by_conn = {w.conn: w for w in waiting}
+        # Idle workers are watched too: their socket turns readable only if they die.
+        by_conn = {w.conn: w for w in self._workers}
         for conn in wait(list(by_conn), timeout=max(0.0, horizon - now)):
             self._drain(by_conn[conn], pending, results)
         now = time.monotonic()

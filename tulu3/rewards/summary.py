@@ -5,11 +5,11 @@ Shared by the ``score`` CLI and ``tulu3.eval`` (which adds generation on top).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from math import comb
 from typing import Any
 
-__all__ = ["pass_at_k", "summarize", "format_summary"]
+__all__ = ["format_summary", "pass_at_k", "pass_at_k_by_dataset", "summarize"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -20,6 +20,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def pass_at_k_by_dataset(groups: Iterable[tuple[str, Sequence[bool]]], ks: Sequence[int]
+                         ) -> dict[str, dict[str, float]]:
+    """Mean pass@k over prompts, per dataset (lower-cased) and "all".
+
+    Args:
+        groups: one ``(dataset, [correct of each sample])`` per prompt.
+        ks: the k values; a k larger than a prompt's sample count is skipped for that prompt.
+    """
+    sums: dict[str, dict[str, list[float]]] = {}
+    for dataset, outcomes in groups:
+        n, c = len(outcomes), sum(bool(o) for o in outcomes)
+        for key in (dataset.lower(), "all"):
+            for k in ks:
+                if 1 <= k <= n:
+                    sums.setdefault(key, {}).setdefault(f"pass@{k}", []).append(pass_at_k(n, c, k))
+    return {key: {name: sum(v) / len(v) for name, v in by_k.items()} for key, by_k in sums.items()}
 
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -49,8 +67,9 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
 def format_summary(summary: Mapping[str, Mapping[str, float]]) -> str:
     """A fixed-width table of :func:`summarize`'s output, "all" last."""
     keys = sorted(k for k in summary if k != "all") + (["all"] if "all" in summary else [])
-    lines = [f"{'dataset':<12} {'n':>8} {'accuracy':>9} {'timeouts':>9} {'errors':>7} "
-             f"{'mean_reward':>12}"]
+    header = (f"{'dataset':<12} {'n':>8} {'accuracy':>9} {'timeouts':>9} {'errors':>7} "
+              f"{'mean_reward':>12}")
+    lines = [header]
     for k in keys:
         s = summary[k]
         lines.append(f"{k:<12} {s['n']:>8d} {s['accuracy']:>9.4f} {s['timeouts']:>9d} "
