@@ -15,6 +15,7 @@ complete checkpoint, and the next start deletes the leftovers.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+# torch's DCP errors derive from BaseException, not Exception.
+from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpoints_tools import ConversionError
 from checkpoints_tools.format import load_model, make_meta, read_meta, save_model, write_meta
@@ -91,6 +94,7 @@ def save_checkpoint(run_dir: str | Path, step: int, ddp_chunks: list, optimizer:
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     save_model([unwrap(c) for c in ddp_chunks], tmp)
+    _fault_point("save", step)
     optimizer_dir = tmp / OPTIMIZER_DIR
     if _rank() == 0:
         optimizer_dir.mkdir()
@@ -105,8 +109,9 @@ def save_checkpoint(run_dir: str | Path, step: int, ddp_chunks: list, optimizer:
                                  "dp": layout.dp, "cp": layout.cp,
                                  "distributed_optimizer": layout.distributed_optimizer}}
         (tmp / TRAINER_FILE).write_text(json.dumps(full_state, indent=1))
+        head = getattr(unwrap(ddp_chunks[0]), "head_kind", "lm")  # scalar: reward/value model
         write_meta(tmp, make_meta(shape, layout.tp, layout.pp, layout.vpp, dtype, step=step,
-                                  tokenizer=tokenizer))
+                                  tokenizer=tokenizer, head=head))
     _barrier()
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -115,6 +120,12 @@ def save_checkpoint(run_dir: str | Path, step: int, ddp_chunks: list, optimizer:
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Crash like ``kill -9`` here when TULU3_FAULT=where:step (tests of atomic saves)."""
+    if os.environ.get("TULU3_FAULT") == f"{where}:{step}":
+        os._exit(137)
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -173,13 +184,18 @@ def load_checkpoint(path: Path, ddp_chunks: list, optimizer: Any, scheduler: Any
         raise CheckpointError(f"cannot resume from {path}: it holds a model of shape "
                               f"{meta.shape}, this run builds {shape}")
     state = json.loads((path / TRAINER_FILE).read_text())
-    load_model([unwrap(c) for c in ddp_chunks], path)
+    try:
+        load_model([unwrap(c) for c in ddp_chunks], path)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - name the checkpoint
+        summary = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+        raise CheckpointError(f"{path}: the model weights cannot be read: the checkpoint is "
+                              f"corrupt or incomplete ({type(err).__name__}: {summary})") from err
     request = optimizer.sharded_state_dict(_model_sharded(ddp_chunks), is_loading=True,
                                            metadata=OPTIMIZER_METADATA)
     try:
         loaded = dist_checkpointing.load(request, str(path / OPTIMIZER_DIR))
         optimizer.load_state_dict(loaded)
-    except Exception as err:  # noqa: BLE001 - name both layouts, whatever megatron raised
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - name both layouts
         raise CheckpointError(
             f"{path}: the optimizer state saved at {state['layout']} cannot be loaded at "
             f"{layout.describe()} ({type(err).__name__}: {err}). Start a new run from its "
