@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
 # torch's DCP errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException
 

@@ -95,7 +95,8 @@ def test_bad_resumes_are_named(setup: tuple) -> None:
     corrupt = root / "corrupt"
     runs = [
         base + [f"train.resume={root / 'does-not-exist'}"],
-        base + ["model.load=null", "model.layers=2", f"train.resume={root / 'full' / 'checkpoints' / 'step_8'}"],
+        base + ["model.load=null", "model.layers=2",
+                f"train.resume={root / 'full' / 'checkpoints' / 'step_8'}"],
     ]
     results = run_distributed_test(run_many, 2, runs)[0]
     assert "does-not-exist" in results[0] and "not a complete" in results[0], results[0]
