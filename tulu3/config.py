@@ -160,6 +160,7 @@ class DPOConfig:
 @dataclass
 class RMConfig:
     margin: float = 0.0
+    """Bradley-Terry margin: the loss is -log sigmoid(r_chosen - r_rejected - margin)."""
     center_coef: float = 0.0
     """Reward-centering coefficient: adds coef * (r_chosen + r_rejected)^2."""
 
@@ -265,7 +266,8 @@ def _set(cfg: Config, path: str, value: Any) -> None:
         if name not in names:
             where = ".".join(parts[:depth])
             close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean '{'.'.join([*parts[:depth], close[0]])}'?" if close else ""
+            guess = ".".join([*parts[:depth], *close[:1], *parts[depth + 1:]])
+            hint = f"; did you mean '{guess}'?" if close else ""
             raise ConfigError(f"unknown config key '{path}'{hint}"
                               + ("" if hint else f" (valid under '{where or 'top'}': {names})"))
         if depth == len(parts) - 1:

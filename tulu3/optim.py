@@ -6,8 +6,8 @@ import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from tulu3.config import Config
 from tulu3 import optim_fixes
+from tulu3.config import Config
 from tulu3.model.build import DTYPES
 
 
