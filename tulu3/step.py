@@ -124,6 +124,17 @@ def reduce_metrics(store: list[dict], names: tuple[str, ...], layout: ParallelLa
     return out
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    if torch.cuda.is_available():
+        value = value.cuda()
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss of a step is NaN or inf; the message names the step, micro-batch and rank."""
 
@@ -150,7 +161,7 @@ def train_step(chunks: list[torch.nn.Module], optimizer, scheduler, micro_batche
 
     metrics = run_schedule(chunks, micro_batches, stage, layout, loss_hook=check)
     lr = optimizer.param_groups[0]["lr"]
-    if not math.isfinite(metrics.get("loss", 0.0)):
+    if _any_rank(bool(bad) or not math.isfinite(metrics.get("loss", 0.0))):
         if not skip_nonfinite:
             where = "; ".join(bad) or "reported by another rank"
             raise NonFiniteLoss(f"step {step}: non-finite loss ({where}); set "
