@@ -23,11 +23,15 @@ TWO_RANKS = {
     "DP2 distributed optimizer": ["parallel.distributed_optimizer=true"],
     "TP2 sequence parallel": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "TP2 local spec": ["parallel.tp=2", "model.spec=local"],
+    "TP2 fused log-probs": ["parallel.tp=2", "model.fused_logprobs=true"],
+    "TP2 SP fused log-probs": ["parallel.tp=2", "parallel.sequence_parallel=true",
+                               "model.fused_logprobs=true"],
 }
 FOUR_RANKS = {
     "TP2xPP2": ["parallel.tp=2", "parallel.pp=2"],
     "TP2xDP2 distributed optimizer": ["parallel.tp=2", "parallel.distributed_optimizer=true"],
     "PP2xDP2 interleaved": ["parallel.pp=2", "parallel.vpp=2"],
+    "TP2xPP2 fused log-probs": ["parallel.tp=2", "parallel.pp=2", "model.fused_logprobs=true"],
 }
 COMMON = ["model.fused_logprobs=false"]
 
@@ -55,6 +59,11 @@ def _check(name: str, per_rank: list[dict], single: dict) -> None:
 
 def test_single_process_loss_moves(single: dict) -> None:
     assert single["loss"][1] < single["loss"][0]
+
+
+def test_fused_log_probs_equal_the_logits_path(single: dict) -> None:
+    fused = run_distributed_test(_run_all, 1, 1, [["model.fused_logprobs=true"]])[0][0]
+    _check("fused", [fused], single)
 
 
 def test_two_rank_layouts_equal_single_process(single: dict) -> None:
