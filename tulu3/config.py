@@ -69,6 +69,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     """Shard optimizer state and fp32 master weights across data-parallel ranks (ZeRO-1)."""
+    account_for_embedding_in_pipeline_split: bool = False
+    """Count the embedding as one layer when splitting layers over pipeline stages (Megatron;
+    405B's 126 layers + embedding + loss = 128 units split evenly over PP8 x VPP2)."""
+    account_for_loss_in_pipeline_split: bool = False
+    """Count the output layer + loss as one layer when splitting layers over pipeline stages."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
 

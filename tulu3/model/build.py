@@ -55,6 +55,8 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.sequence_parallel,
+        account_for_embedding_in_pipeline_split=layout.account_for_embedding,
+        account_for_loss_in_pipeline_split=layout.account_for_loss,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
@@ -76,12 +78,13 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
     )
 
 
-def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout,
-                       per_token_loss: bool = True) -> list[TuluGPTModel]:
+def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, per_token_loss: bool = True,
+                       model_class: type[TuluGPTModel] = TuluGPTModel) -> list[TuluGPTModel]:
     """Build this rank's model: one chunk per virtual pipeline stage (one without VPP).
 
     Call after :func:`tulu3.parallel.init.init_model_parallel`. Weights are on the GPU when
-    present, else on the CPU.
+    present, else on the CPU. ``model_class``: a TuluGPTModel subclass with another head
+    (:class:`tulu3.model.scalar_head.ScalarHeadModel`).
     """
     from megatron.core import parallel_state
 
@@ -93,7 +96,7 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout,
         vp = vp_stage if layout.vpp > 1 else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
-        model = TuluGPTModel(
+        model = model_class(
             config=config,
             transformer_layer_spec=layer_spec(cfg.spec, config, vp),
             vocab_size=vocab,

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from tulu3.config import Config
 from tulu3.parallel import cpu
-from tulu3.parallel.layout import ParallelLayout, make_layout
+from tulu3.parallel.layout import ParallelLayout, check_backend_limits, make_layout
 
 
 def init_distributed(backend: str = "auto", timeout_min: int = 30) -> tuple[int, int]:
@@ -61,6 +61,10 @@ def setup_parallel(cfg: Config) -> ParallelLayout:
     """init_distributed + validate the layout + megatron groups: the start of every run."""
     # Validate before starting anything: a bad layout fails in a second, not after start-up.
     layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    check_backend_limits(cfg, layout, backend)
     init_distributed(cfg.parallel.backend)
     init_model_parallel(layout, cfg.train.seed)
     return layout

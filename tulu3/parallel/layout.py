@@ -22,6 +22,8 @@ class ParallelLayout:
     cp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    account_for_embedding: bool = False
+    account_for_loss: bool = False
 
     @property
     def dp(self) -> int:
@@ -63,9 +65,14 @@ def make_layout(cfg: Config, world_size: int) -> ParallelLayout:
         raise LayoutError(f"parallel.tp={par.tp} does not divide model.kv_heads={shape.kv_heads}")
     if par.vpp > 1 and par.pp == 1:
         raise LayoutError(f"parallel.vpp={par.vpp} needs parallel.pp > 1")
-    if shape.layers % (par.pp * par.vpp):
+    extra = int(par.account_for_embedding_in_pipeline_split) + \
+        int(par.account_for_loss_in_pipeline_split)
+    if extra and par.pp == 1:
+        raise LayoutError("parallel.account_for_*_in_pipeline_split needs parallel.pp > 1")
+    if (shape.layers + extra) % (par.pp * par.vpp):
+        counted = f"model.layers={shape.layers}" + (f" + {extra} (embedding/loss)" if extra else "")
         raise LayoutError(f"parallel.pp x parallel.vpp = {par.pp} x {par.vpp} does not divide "
-                          f"model.layers={shape.layers}")
+                          f"{counted}")
     if par.sequence_parallel and par.tp == 1:
         raise LayoutError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if par.cp > 1 and cfg.model.spec != "te":
@@ -76,7 +83,9 @@ def make_layout(cfg: Config, world_size: int) -> ParallelLayout:
                           "(megatron's local norm does not support it)")
     layout = ParallelLayout(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp,
                             sequence_parallel=par.sequence_parallel,
-                            distributed_optimizer=par.distributed_optimizer)
+                            distributed_optimizer=par.distributed_optimizer,
+                            account_for_embedding=par.account_for_embedding_in_pipeline_split,
+                            account_for_loss=par.account_for_loss_in_pipeline_split)
     per_step = cfg.train.micro_batch * layout.dp
     if cfg.train.global_batch % per_step:
         raise LayoutError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
@@ -85,16 +94,15 @@ def make_layout(cfg: Config, world_size: int) -> ParallelLayout:
     if par.vpp > 1 and micro_batches % par.pp:
         raise LayoutError(f"interleaved pipelining needs micro-batches per step ({micro_batches}) "
                           f"to be a multiple of parallel.pp={par.pp}")
-    if par.vpp > 1 and micro_batches == par.pp and not _has_cuda():
-        # Measured: megatron's all-warm-up interleaved path (micro-batches == pp) deadlocks on
-        # gloo (its p2p calls pair differently on the two ranks); 2 x pp runs and is exact.
-        raise LayoutError(f"interleaved pipelining on CPU/gloo needs more micro-batches per step "
-                          f"({micro_batches}) than parallel.pp={par.pp}: raise "
-                          "train.global_batch or lower train.micro_batch")
     return layout
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def check_backend_limits(cfg: Config, layout: ParallelLayout, backend: str) -> None:
+    """Limits of one backend, checked when the run starts (recipes are validated anywhere)."""
+    micro_batches = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
+    if backend == "gloo" and layout.vpp > 1 and micro_batches == layout.pp:
+        # Measured: megatron's all-warm-up interleaved path (micro-batches == pp) deadlocks on
+        # gloo (its p2p calls pair differently on the two ranks); 2 x pp runs and is exact.
+        raise LayoutError(f"interleaved pipelining on gloo needs more micro-batches per step "
+                          f"({micro_batches}) than parallel.pp={layout.pp}: raise "
+                          "train.global_batch or lower train.micro_batch")
