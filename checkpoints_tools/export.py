@@ -88,12 +88,14 @@ def export_hf_from_chunks(chunks: list[torch.nn.Module], shape: LlamaShape,
                           hf_generation_config: dict[str, Any] | None = None,
                           tokenizer: str | Path | None = None,
                           max_shard_bytes: int = 5 * 2**30,
-                          groups: ExportGroups | None = None) -> None:
+                          groups: ExportGroups | None = None, head: str = "lm") -> None:
     """Write an HF LlamaForCausalLM directory from the live model (every rank calls this).
 
     ``dtype`` defaults to the parameters'; ``hf_config`` / ``hf_generation_config`` (e.g. from
     the tulu3.json of the checkpoint training started from) keep the source's rope scaling and
     token ids; ``tokenizer`` (an HF directory or a ``.model`` file) is copied when given.
+    ``head="scalar"``: the chunks are reward/value models (``ScalarHeadModel``) and the
+    directory a LlamaForSequenceClassification (``tulu3.rm_export`` sets its pad token).
     """
     groups = groups or ExportGroups.from_megatron()
     rank = dist.get_rank()
@@ -102,8 +104,8 @@ def export_hf_from_chunks(chunks: list[torch.nn.Module], shape: LlamaShape,
     param_dtype = next(chunks[0].parameters()).dtype
     dtype = dtype or param_dtype
     padded = chunks[0].vocab_size
-    hf_shapes = expected_hf_shapes(shape)
-    plan = disk_plan(shape)
+    hf_shapes = expected_hf_shapes(shape, head)
+    plan = disk_plan(shape, head)
     writer = None
     if rank == 0:
         out = Path(out_dir)
@@ -132,13 +134,15 @@ def export_hf_from_chunks(chunks: list[torch.nn.Module], shape: LlamaShape,
                 writer.write(name, part.to(dtype))
     if rank == 0:
         writer.close()
-        _write_configs(Path(out_dir), shape, dtype, hf_config, hf_generation_config, tokenizer)
+        _write_configs(Path(out_dir), shape, dtype, hf_config, hf_generation_config, tokenizer,
+                       head)
     dist.barrier()
 
 
 def _write_configs(out: Path, shape: LlamaShape, dtype: torch.dtype, hf_config: dict | None,
-                   generation: dict | None, tokenizer: str | Path | None) -> None:
-    config = hf_config_for(shape, HF_DTYPES[dtype], hf_config)
+                   generation: dict | None, tokenizer: str | Path | None,
+                   head: str = "lm") -> None:
+    config = hf_config_for(shape, HF_DTYPES[dtype], hf_config, head)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = generation_config_for(config, generation)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -32,7 +32,7 @@ import torch
 from checkpoints_tools import ConversionError
 from checkpoints_tools.dcp_io import DistReader
 from checkpoints_tools.hf_config import expected_hf_shapes
-from tulu3.model.hf_mapping import TABLE, Rule, hf_names
+from tulu3.model.hf_mapping import SCALAR_HEAD, TABLE, Rule, hf_names
 from tulu3.model.presets import LlamaShape, padded_vocab
 
 FORMAT_NAME = "tulu3"
@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 META_FILE = "tulu3.json"
 MODEL_DIR = "model"
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEADS = ("lm", "scalar")
 
 # megatron's local spec maps its norms to the TE names in sharded_state_dict
 # (``sharded_state_dict_keys_map``), so on disk the TE names are the only ones.
@@ -67,6 +68,8 @@ class CheckpointMeta:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    head: str = "lm"
+    """lm (an LM output layer) | scalar (a reward/value model: ``value_head`` [1, hidden])."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -86,15 +89,18 @@ class CheckpointMeta:
 
 def make_meta(shape: LlamaShape, tp: int, pp: int, vpp: int, dtype: str, step: int = 0,
               tokenizer: str | None = None, created_by: str = "tulu3.train",
-              hf_config: dict | None = None, hf_generation_config: dict | None = None
-              ) -> CheckpointMeta:
+              hf_config: dict | None = None, hf_generation_config: dict | None = None,
+              head: str = "lm") -> CheckpointMeta:
     """The metadata of a checkpoint of ``shape`` saved at TP ``tp`` (vocab = ``shape.vocab``)."""
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {dtype!r}: expected one of {list(DTYPE_NAMES)}")
+    if head not in HEADS:
+        raise ValueError(f"head {head!r}: expected one of {HEADS}")
     return CheckpointMeta(shape=shape, vocab=shape.vocab,
                           padded_vocab=padded_vocab(shape.vocab, tp), tp=tp, pp=pp, vpp=vpp,
                           dtype=dtype, step=step, tokenizer=tokenizer, hf_config=hf_config,
-                          hf_generation_config=hf_generation_config, created_by=created_by)
+                          hf_generation_config=hf_generation_config, created_by=created_by,
+                          head=head)
 
 
 def is_tulu3_checkpoint(path: str | Path) -> bool:
@@ -120,15 +126,19 @@ def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:
 # --- what is on disk ------------------------------------------------------------------------
 
 
-def disk_plan(shape: LlamaShape) -> list[tuple[Rule, int | None]]:
-    """Every (rule, layer) stored in ``model/``, in HF order (embedding, layers, norm, head)."""
+def disk_plan(shape: LlamaShape, head: str = "lm") -> list[tuple[Rule, int | None]]:
+    """Every (rule, layer) stored in ``model/``, in HF order (embedding, layers, norm, head).
+
+    ``head="scalar"`` (reward/value models): ``value_head`` instead of the output layer."""
     plan: list[tuple[Rule, int | None]] = []
     layer_rules = [r for r in DISK_RULES if "{i}" in r.megatron]
     plan.append((_rule("embedding.word_embeddings.weight"), None))
     for i in range(shape.layers):
         plan += [(r, i) for r in layer_rules]
     plan.append((_rule("decoder.final_layernorm.weight"), None))
-    if not shape.tied_embeddings:  # tied: the last stage's copy is stored under the embedding
+    if head == "scalar":
+        plan.append((SCALAR_HEAD, None))
+    elif not shape.tied_embeddings:  # tied: the last stage's copy is stored under the embedding
         plan.append((_rule("output_layer.weight"), None))
     return plan
 
@@ -215,8 +225,8 @@ def prepare_output(out: Path, force: bool, ours: list[Path]) -> None:
 def check_checkpoint(reader: DistReader, meta: CheckpointMeta) -> None:
     """Raise, naming the tensor, when ``model/`` lacks a tensor or has a wrong global shape."""
     shape = meta.shape
-    hf = expected_hf_shapes(shape)
-    for rule, layer in disk_plan(shape):
+    hf = expected_hf_shapes(shape, meta.head)
+    for rule, layer in disk_plan(shape, meta.head):
         key = sharded_key(rule)
         got = reader.global_shape(key)  # raises when missing
         names = hf_names(rule, layer, shape.tied_embeddings)
@@ -269,27 +279,50 @@ def save_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path) -> None:
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(model_dir))
 
 
-def load_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path) -> None:
+def load_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path,
+               ignore: tuple[str, ...] = ()) -> None:
     """Load ``CKPT/model`` into the chunks, at this process's layout (every rank calls it).
 
     Weights only: ``_extra_state`` objects (TE's FP8 scaling state) are loaded when present and
-    left at their defaults when not (converted checkpoints have none). Any other missing or
-    unexpected parameter is an error.
+    left at their defaults when not (converted checkpoints have none). Parameters named in
+    ``ignore`` (local names, e.g. ``value_head.weight``) are neither requested nor set. Any other
+    missing or unexpected parameter is an error.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     model_dir = Path(ckpt_dir) / MODEL_DIR
+    _check_head(chunks, ckpt_dir, ignore)
     stored_objects = set(DistReader(model_dir).objects)
     request = model_sharded_state_dict(chunks)
     for sub in request.values():
         for name in [n for n, v in sub.items() if isinstance(v, ShardedObject)
                      and n.endswith("_extra_state") and v.unique_key not in stored_objects]:
             del sub[name]
+        for name in ignore:
+            sub.pop(name, None)
     loaded = dist_checkpointing.load(request, str(model_dir))
     for i, chunk in enumerate(chunks):
         result = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        missing = [k for k in result.missing_keys
+                   if not k.endswith("_extra_state") and k not in ignore]
         if missing or result.unexpected_keys:
             raise ConversionError(f"{ckpt_dir}: chunk {i}: missing {missing}, unexpected "
                                   f"{result.unexpected_keys}")
+
+
+def _check_head(chunks: list[torch.nn.Module], ckpt_dir: str | Path,
+                ignore: tuple[str, ...]) -> None:
+    """A reward-model checkpoint has no LM output layer, a policy one no ``value_head``: say
+    so instead of megatron's missing-key error."""
+    if not is_tulu3_checkpoint(ckpt_dir):
+        return
+    stored = read_meta(ckpt_dir).head
+    wanted = getattr(chunks[0], "head_kind", "lm")
+    if stored == wanted or (wanted == "scalar" and "value_head.weight" in ignore):
+        return
+    hint = ("load it with tulu3.model.scalar_head.load_scalar_weights (e.g. as "
+            "rlvr.value_model)" if stored == "scalar" else
+            "tulu3.model.scalar_head.load_scalar_weights initialises the head")
+    raise ConversionError(f"{ckpt_dir}: a checkpoint with head {stored!r} cannot be loaded into "
+                          f"a model with head {wanted!r}; {hint}")

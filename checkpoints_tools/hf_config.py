@@ -16,7 +16,8 @@ from typing import Any
 from checkpoints_tools import ConversionError
 from tulu3.model.presets import LlamaShape
 
-ARCHITECTURES = ("LlamaForCausalLM",)
+# A reward model (LlamaForSequenceClassification, one label) has the same backbone.
+ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
 # What tulu3's model (megatron's RotaryEmbedding with rope_scaling=True) implements.
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -86,8 +87,9 @@ def rope_warning(cfg: dict[str, Any]) -> str | None:
             "scaling when it runs this checkpoint")
 
 
-def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an HF LlamaForCausalLM of ``shape`` and its shape, in HF order."""
+def expected_hf_shapes(shape: LlamaShape, head: str = "lm") -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF LlamaForCausalLM of ``shape`` and its shape, in HF order
+    (``head="scalar"``: a LlamaForSequenceClassification with one label)."""
     h, d = shape.hidden, shape.head_dim
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h)}
     for i in range(shape.layers):
@@ -104,15 +106,18 @@ def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
             p + "mlp.down_proj.weight": (h, shape.ffn_hidden),
         })
     out["model.norm.weight"] = (h,)
-    if not shape.tied_embeddings:
+    if head == "scalar":
+        out["score.weight"] = (1, h)
+    elif not shape.tied_embeddings:
         out["lm_head.weight"] = (shape.vocab, h)
     return out
 
 
-def hf_config_for(shape: LlamaShape, dtype: str, base: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
+def hf_config_for(shape: LlamaShape, dtype: str, base: dict[str, Any] | None = None,
+                  head: str = "lm") -> dict[str, Any]:
     """config.json for an export: the source config (``base``) when known, with the shape's
-    fields, Llama 3.1-style rope keys and ``dtype`` ("bfloat16" | "float32") written over it."""
+    fields, Llama 3.1-style rope keys and ``dtype`` ("bfloat16" | "float32") written over it.
+    ``head="scalar"``: a one-label LlamaForSequenceClassification (a reward model)."""
     cfg = dict(base or {})
     theta, scaling = _rope(cfg) if base else (shape.rope_theta, None)
     if scaling is None and shape.rope_scaling:
@@ -129,6 +134,9 @@ def hf_config_for(shape: LlamaShape, dtype: str, base: dict[str, Any] | None = N
     cfg.pop("dtype", None)  # transformers 5's name for torch_dtype; keep one, the portable one
     if base is None and shape.vocab >= LLAMA3_EOS + 1:
         cfg.update(bos_token_id=LLAMA3_BOS, eos_token_id=LLAMA3_EOS)
+    if head == "scalar":
+        cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return cfg
 
 

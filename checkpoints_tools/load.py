@@ -29,9 +29,22 @@ from tulu3.parallel.layout import ParallelLayout
 FREE_FIELDS = ("max_seq_len",)
 
 
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory ``path`` names: itself, or, for a run's ``checkpoints/``
+    directory (or the run directory holding it), the step its ``latest`` file names."""
+    path = Path(path)
+    if is_tulu3_checkpoint(path) or (path / "config.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            return root / latest.read_text().strip()
+    return path
+
+
 def detect_format(path: str | Path) -> str:
     """'tulu3' or 'hf'; raises ConversionError naming what was looked for."""
-    path = Path(path)
+    path = resolve_checkpoint_dir(path)
     if not path.is_dir():
         raise ConversionError(f"model.load={path}: not a directory")
     if is_tulu3_checkpoint(path):
@@ -45,6 +58,7 @@ def detect_format(path: str | Path) -> str:
 
 def checkpoint_shape(path: str | Path) -> LlamaShape:
     """The model shape stored in a checkpoint of either format (to build a matching model)."""
+    path = resolve_checkpoint_dir(path)
     if detect_format(path) == "tulu3":
         return read_meta(path).shape
     return shape_from_hf_config(read_hf_config(path))
@@ -56,6 +70,7 @@ def source_hf_configs(path: str | Path) -> tuple[dict | None, dict | None]:
     Pass them to ``format.make_meta`` when saving and to ``export_hf_from_chunks``, so the rope
     scaling and token ids of the source survive training and export.
     """
+    path = resolve_checkpoint_dir(path)
     if detect_format(path) == "tulu3":
         meta = read_meta(path)
         return meta.hf_config, meta.hf_generation_config
@@ -80,6 +95,7 @@ def load_into_chunks(path: str | Path, chunks: list[torch.nn.Module], shape: Lla
     ``shape`` is the model's; it must equal the checkpoint's (max_seq_len aside). ``tp_rank``
     defaults to megatron's tensor-parallel rank. Returns the detected format.
     """
+    path = resolve_checkpoint_dir(path)
     kind = detect_format(path)
     check_shape(checkpoint_shape(path), shape, path)
     if kind == "tulu3":

@@ -47,15 +47,16 @@ HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 def hf_specs(meta: CheckpointMeta, dtype: torch.dtype) -> list[TensorSpec]:
     """The HF tensors in the order the conversion produces them."""
-    shapes = expected_hf_shapes(meta.shape)
-    return [TensorSpec(name, shapes[name], dtype) for rule, layer in disk_plan(meta.shape)
+    shapes = expected_hf_shapes(meta.shape, meta.head)
+    return [TensorSpec(name, shapes[name], dtype)
+            for rule, layer in disk_plan(meta.shape, meta.head)
             for name in hf_names(rule, layer, meta.shape.tied_embeddings)]
 
 
 def write_hf_files(out: Path, meta: CheckpointMeta, dtype: torch.dtype,
                    tokenizer_dir: str | Path | None) -> list[str]:
     """config.json, generation_config.json and tokenizer files; returns notes for the user."""
-    config = hf_config_for(meta.shape, HF_DTYPE_NAMES[dtype], meta.hf_config)
+    config = hf_config_for(meta.shape, HF_DTYPE_NAMES[dtype], meta.hf_config, meta.head)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = generation_config_for(config, meta.hf_generation_config)
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -87,7 +88,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None,
     with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True,
               desc="megatron -> hf", disable=quiet) as progress:
         writer = ShardedSafetensorsWriter(out, specs, max_shard_bytes, progress.update)
-        for rule, layer in disk_plan(meta.shape):
+        for rule, layer in disk_plan(meta.shape, meta.head):
             tensor = read_global(reader, rule, layer, meta.vocab)
             parts = from_global(rule, tensor, meta.shape, meta.vocab)
             del tensor

@@ -62,7 +62,7 @@ def reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
     prepare_output(out, force, [out / MODEL_DIR, out / META_FILE])
     rows = padded_vocab(meta.vocab, tp)
     writer = DistWriter(out / MODEL_DIR)
-    plan = disk_plan(meta.shape)
+    plan = disk_plan(meta.shape, meta.head)
     with tqdm(total=len(plan), unit="tensor", desc="reshard", disable=quiet) as progress:
         for rule, layer in plan:
             tensor = read_global(reader, rule, layer, rows)

@@ -151,13 +151,16 @@ class SFTConfig:
 @dataclass
 class DPOConfig:
     loss: str = "dpo_norm"
-    """dpo | dpo_norm (length-normalized, Tülu 3) | simpo | wpo | ipo."""
+    """dpo | dpo_norm (length-normalized, Tülu 3) | simpo | wpo | ipo (stages/dpo_losses.py)."""
     beta: float = 5.0
+    """Inverse temperature of the loss (Tülu 3: 5 with dpo_norm; IPO's tau)."""
     gamma_beta_ratio: float = 0.3
     """SimPO's target margin gamma / beta."""
     label_smoothing: float = 0.0
+    """cDPO's label-flip probability (dpo, dpo_norm, wpo, simpo), in [0, 0.5)."""
     reference: str | None = None
-    """Reference checkpoint; default: the model being trained, as loaded."""
+    """Reference checkpoint (HF dir, tulu3 checkpoint, or a run's checkpoints/ dir); default:
+    the model being trained, as loaded."""
     reference_mode: str = "cached"
     """cached (pre-pass, one model in memory) | online (a frozen copy)."""
 

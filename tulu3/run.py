@@ -22,7 +22,37 @@ def build_sft_loop(trainer: Trainer, tokenizer: Any, chunks: list, vocab: int) -
                           trainer.layout)
 
 
-LOOPS = {"sft": build_sft_loop}
+def build_rm_loop(trainer: Trainer, tokenizer: Any, chunks: list, vocab: int) -> Any:
+    from tulu3.data.packing import collate_dpo
+    from tulu3.loops.supervised import SupervisedLoop
+    from tulu3.stages.rm import RMStage
+
+    cfg = trainer.cfg
+    stage = RMStage(cfg.rm.margin, cfg.rm.center_coef)
+    return SupervisedLoop(cfg, "dpo", tokenizer, chunks, trainer, stage, collate_dpo,
+                          trainer.layout)
+
+
+def build_dpo_loop(trainer: Trainer, tokenizer: Any, chunks: list, vocab: int) -> Any:
+    from tulu3.loops.dpo import DPOLoop
+    from tulu3.stages.dpo import DPOStage
+
+    cfg, dpo = trainer.cfg, trainer.cfg.dpo
+    stage = DPOStage(vocab_shard(vocab), dpo.loss, dpo.beta, dpo.gamma_beta_ratio,
+                     dpo.label_smoothing, cfg.model.fused_logprobs)
+    return DPOLoop(cfg, tokenizer, chunks, trainer, stage, trainer.layout)
+
+
+def build_rlvr_loop(trainer: Trainer, tokenizer: Any, chunks: list, vocab: int) -> Any:
+    from tulu3.loops.rlvr import RLVRLoop
+
+    return RLVRLoop(trainer.cfg, tokenizer, chunks, trainer, vocab_shard(vocab), trainer.layout)
+
+
+LOOPS = {"sft": build_sft_loop, "rm": build_rm_loop, "dpo": build_dpo_loop,
+         "rlvr": build_rlvr_loop}
+HEADS = {"rm": "scalar"}
+"""The model head a stage trains when it is not the LM head (tulu3.model.scalar_head)."""
 
 
 def vocab_shard(vocab: int) -> VocabShard:
@@ -38,7 +68,7 @@ def run_stage(cfg: Config, stage: str) -> dict:
     trainer = Trainer(cfg, stage)
     tokenizer = trainer.load_tokenizer()
     shape = trainer.resolve_shape(tokenizer.vocab_size)
-    chunks = trainer.build_model(shape)
+    chunks = trainer.build_model(shape, HEADS.get(stage, "lm"))
     loop = LOOPS[stage](trainer, tokenizer, chunks, shape.vocab)
     trainer.build_optimizer(chunks, loop.total_steps())
     return trainer.fit(loop, chunks, shape, cfg.data.tokenizer)

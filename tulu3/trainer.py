@@ -82,8 +82,18 @@ class Trainer:
         self.cfg.model = with_shape(model, shape)
         return shape
 
-    def build_model(self, shape: LlamaShape) -> list[torch.nn.Module]:
-        """This rank's chunks, weights loaded from model.load when set, wrapped in DDP."""
+    def build_model(self, shape: LlamaShape, head: str = "lm") -> list[torch.nn.Module]:
+        """This rank's chunks, weights loaded from model.load when set, wrapped in DDP.
+
+        ``head="scalar"``: a reward/value model (tulu3.model.scalar_head) instead of an LM.
+        """
+        if head == "scalar":
+            from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
+
+            chunks = build_scalar_chunks(self.cfg.model, self.layout)
+            if self.cfg.model.load:
+                load_scalar_weights(self.cfg.model.load, chunks, shape, self.layout)
+            return wrap_ddp(chunks, self.layout)
         chunks = build_model_chunks(self.cfg.model, self.layout)
         if self.cfg.model.load:
             from checkpoints_tools.load import load_into_chunks

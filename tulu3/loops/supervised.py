@@ -56,8 +56,14 @@ class SupervisedLoop:
     def train_step(self, step: int) -> dict[str, Any]:
         batches = self.micro_batches(self.dataset, self.sampler.micro_batches(step))
         self.sampler.consumed_steps = step + 1
-        return train_step(self.chunks, self.trainer.optimizer, self.trainer.scheduler, batches,
-                          self.stage, self.layout, step, self.cfg.train.skip_nan)
+        return self._finish(train_step(self.chunks, self.trainer.optimizer,
+                                       self.trainer.scheduler, batches, self.stage, self.layout,
+                                       step, self.cfg.train.skip_nan))
+
+    def _finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Metrics that are not a sum / count (the RM's reward std) are derived by the stage."""
+        finish = getattr(self.stage, "finish_metrics", None)
+        return finish(metrics) if finish is not None else metrics
 
     def evaluate(self) -> dict[str, float]:
         """The stage's metrics on the whole eval set (each DP rank takes its share)."""
@@ -82,7 +88,7 @@ class SupervisedLoop:
             for chunk in self.chunks:
                 chunk.train()
         metrics.pop("tokens", None)
-        return metrics
+        return self._finish(metrics)
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}

@@ -3,6 +3,10 @@
 A drop-in for megatron's ``DotProductAttention`` (same constructor and forward signature) that
 also takes an explicit boolean mask, so packed sequences with per-document isolation work without
 Transformer Engine.
+
+Generation (tulu3/rollout/) gives every SDPAttention a per-layer ``kv_cache`` for the length of a
+``with kv_cache(...)`` block: the new (already RoPE'd) keys/values are appended to it and the
+queries attend over every cached key, under the engine's mask [b, 1, s_new, s_cached].
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.kv_cache = None
+        """A tulu3.rollout.kv_cache.LayerKVCache while generating, else None."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -46,6 +52,13 @@ class SDPAttention(MegatronModule):
         seq, batch = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.append(k, v)
+            allowed = ~attention_mask.to(torch.bool)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                                 scale=self.softmax_scale,
+                                                 enable_gqa=self.groups != self.heads)
+            return out.permute(2, 0, 1, 3).reshape(seq, batch, self.heads * q.shape[-1])
         if self.groups != self.heads:
             repeat = self.heads // self.groups
             k = k.repeat_interleave(repeat, dim=1)

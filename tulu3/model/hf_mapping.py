@@ -57,12 +57,17 @@ TABLE: tuple[Rule, ...] = (
          ("model.layers.{i}.mlp.down_proj.weight",), "row"),
 )
 
+# Reward / value models (tulu3.model.scalar_head): the scalar head is HF's
+# LlamaForSequenceClassification ``score`` (one label). Not in TABLE: a causal LM has no such
+# tensor.
+SCALAR_HEAD = Rule("value_head.weight", ("score.weight",), "replicated")
+
 
 def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
 
-_MEGATRON = [(_pattern(rule.megatron), rule) for rule in TABLE]
+_MEGATRON = [(_pattern(rule.megatron), rule) for rule in (*TABLE, SCALAR_HEAD)]
 
 
 def match_megatron(name: str) -> tuple[Rule, int | None]:
