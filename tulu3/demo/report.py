@@ -18,13 +18,9 @@ PLOTS = {"sft": ("loss",), "dpo": ("loss", "dpo_rewards"), "rlvr": ("rlvr_reward
 
 def eval_accuracy(report: dict[str, Any]) -> float | None:
     """Overall verified accuracy from a ``tulu3.eval`` report."""
-    for key in ("accuracy", "overall_accuracy"):
-        if isinstance(report.get(key), (int, float)):
-            return float(report[key])
-    summary = report.get("summary") or {}
-    if isinstance(summary.get("accuracy"), (int, float)):
-        return float(summary["accuracy"])
-    return None
+    overall = (report.get("summary") or {}).get("all") or {}
+    accuracy = overall.get("accuracy")
+    return float(accuracy) if isinstance(accuracy, (int, float)) else None
 
 
 def _fmt(value: Any) -> str:

@@ -73,10 +73,13 @@ class SupervisedLoop:
         size = self.cfg.train.micro_batch
         # Every DP rank must run the same number of micro-batches (the schedule is collective
         # and so is the metric reduction): the remainder of the eval set is left out.
-        used = len(self.eval_dataset) // (dp * size) * dp * size
+        # Interleaved pipelining also needs a multiple of pp micro-batches per rank.
+        unit = dp * size * (self.layout.pp if self.layout.vpp > 1 else 1)
+        used = len(self.eval_dataset) // unit * unit
         if used == 0:
             raise ValueError(f"data.eval has {len(self.eval_dataset)} examples, fewer than "
-                             f"micro_batch x dp = {size * dp}")
+                             f"one evaluation round ({unit} = micro_batch x dp"
+                             f"{' x pp' if unit != size * dp else ''})")
         mine = list(range(dp_rank, used, dp))
         groups = [mine[i:i + size] for i in range(0, len(mine), size)]
         for chunk in self.chunks:
