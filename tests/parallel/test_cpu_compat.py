@@ -1,5 +1,9 @@
 """One test per symbol the CPU compat layer patches: each fails loudly if megatron-core moves
-it (so the layer would silently stop applying), and checks the patched behaviour."""
+it (so the layer would silently stop applying), and checks the patched behaviour.
+
+The checks run in a forked child (as every tulu3 process installs the layer itself): the layer
+must never be installed in the pytest process, whose later forks would inherit it half-way.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +15,34 @@ from tulu3.parallel import cpu
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is CPU-only")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def installed() -> None:
-    assert cpu.install() is True
-    assert cpu.is_installed()
+def _run_in_child(names: list[str]) -> dict[str, str | None]:
+    """Every check in one child; returns check -> None (passed) or its error."""
+    assert cpu.install() is True and cpu.is_installed()
+    results: dict[str, str | None] = {}
+    for name in names:
+        try:
+            globals()[name]()
+            results[name] = None
+        except Exception as err:  # noqa: BLE001 - reported per check by the parent
+            results[name] = f"{type(err).__name__}: {err}"
+    return results
 
 
-def test_current_device_is_cpu() -> None:
+def _checks() -> list[str]:
+    return [name for name in globals() if name.startswith("check_")]
+
+
+def check_current_device_is_cpu() -> None:
     assert torch.cuda.current_device() == "cpu"
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
 
 
-def test_synchronize_and_empty_cache_are_no_ops() -> None:
+def check_synchronize_and_empty_cache_are_no_ops() -> None:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
 
 
-def test_factories_map_cuda_to_cpu() -> None:
+def check_factories_map_cuda_to_cpu() -> None:
     for name in cpu.FACTORIES:
         assert getattr(getattr(torch, name), "__tulu3_cpu_patch__", False), name
     assert torch.zeros(3, device="cuda").device.type == "cpu"
@@ -36,13 +51,13 @@ def test_factories_map_cuda_to_cpu() -> None:
     assert torch.ones(2).cuda().device.type == "cpu"
 
 
-def test_tensor_type_reports_cuda_names() -> None:
+def check_tensor_type_reports_cuda_names() -> None:
     assert torch.ones(1).type() == "torch.cuda.FloatTensor"
     assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
     assert torch.ones(1).type(torch.float64).dtype == torch.float64
 
 
-def test_cuda_rng_state_is_the_cpu_generator() -> None:
+def check_cuda_rng_state_is_the_cpu_generator() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
     torch.manual_seed(3)
@@ -54,7 +69,7 @@ def test_cuda_rng_state_is_the_cpu_generator() -> None:
     assert torch.equal(mp_random._get_cuda_rng_state(), torch.get_rng_state())
 
 
-def test_megatron_rng_tracker_forks_reproducibly() -> None:
+def check_megatron_rng_tracker_forks_reproducibly() -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     tracker = get_cuda_rng_tracker()
@@ -69,7 +84,7 @@ def test_megatron_rng_tracker_forks_reproducibly() -> None:
     assert torch.equal(a, b)
 
 
-def test_async_writer_queue_is_patched() -> None:
+def check_async_writer_queue_is_patched() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     queue = filesystem_async._get_write_results_queue()
@@ -78,14 +93,14 @@ def test_async_writer_queue_is_patched() -> None:
     assert queue.get_nowait() == {"ok": 1}
 
 
-def test_p2p_shape_exchange_is_patched() -> None:
+def check_p2p_shape_exchange_is_patched() -> None:
     from megatron.core.pipeline_parallel import p2p_communication
 
     method = p2p_communication.P2PCommunicator._communicate_shapes
     assert method is cpu._communicate_shapes
 
 
-def test_patched_megatron_symbols_exist_upstream() -> None:
+def check_patched_megatron_symbols_exist_upstream() -> None:
     """The names the layer replaces still exist in megatron-core (else it moved them)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.optimizer import distrib_optimizer
@@ -97,3 +112,18 @@ def test_patched_megatron_symbols_exist_upstream() -> None:
     assert hasattr(p2p_communication.P2PCommunicator, "_communicate_shapes")
     for name in ("state_dict", "load_state_dict", "_set_main_param_and_optimizer_states"):
         assert hasattr(distrib_optimizer.DistributedOptimizer, name), name
+
+
+CHECKS = _checks()
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, str | None]:
+    from tulu3.testing import run_distributed_test
+
+    return run_distributed_test(_run_in_child, 1, CHECKS)[0]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_patched_symbol(results: dict, check: str) -> None:
+    assert results[check] is None, results[check]

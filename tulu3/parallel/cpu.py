@@ -26,6 +26,7 @@ Patched (see DESIGN.md for how each was found):
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -163,12 +164,14 @@ def _patch_async_writer() -> None:
     manager_attr = "_get_write_results_queue"
     if not hasattr(filesystem_async, manager_attr):
         raise RuntimeError(f"megatron moved {filesystem_async.__name__}.{manager_attr}")
-    queue = {"q": None}
+    queues: dict[int, _PatientQueue] = {}
 
     def get_queue() -> Any:
-        if queue["q"] is None:
-            queue["q"] = _PatientQueue(mp.get_context("fork").Queue())
-        return queue["q"]
+        # One queue per process: a forked rank must not share its parent's (or a sibling's).
+        pid = os.getpid()
+        if pid not in queues:
+            queues[pid] = _PatientQueue(mp.get_context("fork").Queue())
+        return queues[pid]
 
     setattr(filesystem_async, manager_attr, get_queue)
 
