@@ -1,0 +1,181 @@
+"""``python -m tulu3.eval --ckpt D --data F.jsonl``: generate with a policy, score with verifiers.
+
+    python -m tulu3.eval --ckpt runs/tiny/rlvr/checkpoints/step_20 --data runs/tiny/data/eval.jsonl
+    torchrun --nproc-per-node 4 -m tulu3.eval --ckpt D --data F.jsonl --tp 2 --pp 2 \\
+        --samples 8 --temperature 1.0 --out report.json
+
+``--ckpt`` is a tulu3 checkpoint (``RUN_DIR/checkpoints/step_N``) or an HF model directory; the
+model is built at ``--tp`` x ``--pp`` (the rest of the world is data parallel: each replica takes
+every dp-th prompt) with the ``torch`` spec and generated with the rollout engine
+(tulu3/rollout/). Rows are Tülu 3 RLVR rows (``messages``, ``ground_truth``, ``dataset``).
+Each prompt gets ``--samples`` K responses (greedy when K is 1 and no ``--temperature`` is
+given, else temperature 1), scored by :class:`tulu3.rewards.VerifierPool`.
+
+The JSON report: ``summary`` (per dataset and "all": n, correct, accuracy over all samples,
+timeouts, errors, mean_reward), ``pass_at_k`` (per dataset, unbiased pass@k for k = 1, 2, 4, ...
+up to K), ``samples`` (the first ``--show`` generations), ``settings``. Printed as a table too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from tulu3.rewards import VerifierPool, VerifyResult, rlvr_reward
+from tulu3.rewards.summary import format_summary, pass_at_k_by_dataset, summarize
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tulu3.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="tulu3 checkpoint or HF model directory")
+    parser.add_argument("--data", required=True, help="RLVR-format JSONL (or any data.train "
+                        "source)")
+    parser.add_argument("--tokenizer", help="default: the checkpoint's (tulu3.json) or --ckpt")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=1, help="responses per prompt (K)")
+    parser.add_argument("--temperature", type=float, help="default 0 (greedy) when --samples "
+                        "is 1, else 1.0")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-prompt-len", type=int, default=4096)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    parser.add_argument("--batch-size", type=int, help="rows per generation batch (default all)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--no-bos", action="store_true", help="prompts without bos "
+                        "(open-instruct's Tülu 3 runs)")
+    parser.add_argument("--workers", type=int, default=2, help="verifier processes")
+    parser.add_argument("--timeout-s", type=float, default=5.0, help="verifier time limit")
+    parser.add_argument("--show", type=int, default=8, help="generations kept in the report")
+    parser.add_argument("--out", help="write the JSON report here")
+    args = parser.parse_args(argv)
+    if args.temperature is None:
+        args.temperature = 0.0 if args.samples == 1 else 1.0
+    return args
+
+
+def build_policy(ckpt: str, tp: int, pp: int, seed: int) -> tuple[list, Any, Any]:
+    """(chunks, shape, layout) of the checkpoint at TP x PP on the current world."""
+    from checkpoints_tools.load import checkpoint_shape, load_into_chunks
+    from tulu3.config import Config
+    from tulu3.model.build import build_model_chunks
+    from tulu3.model.presets import with_shape
+    from tulu3.parallel.init import init_distributed, init_model_parallel
+    from tulu3.parallel.layout import make_layout
+
+    _, world = init_distributed()
+    cfg = Config()
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    shape = checkpoint_shape(ckpt)
+    cfg.model = with_shape(cfg.model, shape)
+    cfg.train.global_batch, cfg.train.micro_batch = max(1, world // (tp * pp)), 1
+    layout = make_layout(cfg, world)
+    init_model_parallel(layout, seed)
+    chunks = build_model_chunks(cfg.model, layout)
+    load_into_chunks(ckpt, chunks, shape, layout)
+    return chunks, shape, layout
+
+
+def default_tokenizer(ckpt: str) -> str:
+    from checkpoints_tools.format import is_tulu3_checkpoint, read_meta
+
+    if is_tulu3_checkpoint(ckpt):
+        path = read_meta(ckpt).tokenizer
+        if not path:
+            raise SystemExit(f"{ckpt} records no tokenizer: pass --tokenizer")
+        return path
+    return ckpt
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Generate, score and (on rank 0) return the report; other ranks return None."""
+    from megatron.core import parallel_state as ps
+
+    from tulu3.data.dataset import build_dataset
+    from tulu3.data.tokenizer import load_tokenizer
+    from tulu3.rollout import SamplingParams, generate
+
+    chunks, shape, _ = build_policy(args.ckpt, args.tp, args.pp, args.seed)
+    tok = load_tokenizer(args.tokenizer or default_tokenizer(args.ckpt))
+    dataset = build_dataset("rlvr", args.data, tok, args.max_prompt_len, not args.no_bos)
+    count = min(len(dataset), args.limit or len(dataset))
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = [dataset[i] for i in range(dp_rank, count, dp)]
+    k = args.samples
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    started = time.monotonic()
+    results = generate(chunks, [p.prompt_ids for p in mine for _ in range(k)], params,
+                       shape.vocab, [tok.eos_id], batch_size=args.batch_size,
+                       keys=[p.index * k + j for p in mine for j in range(k)])
+    gen_s = time.monotonic() - started
+    rows = []
+    mp_group = ps.get_model_parallel_group()
+    if dist.get_rank() == dist.get_global_rank(mp_group, 0):
+        texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in results]
+        items = [(mine[i // k].dataset, text, mine[i // k].ground_truth)
+                 for i, text in enumerate(texts)]
+        with VerifierPool(args.workers, args.timeout_s) as pool:
+            verdicts = pool.score(items)
+        rows = [_row(mine[i // k], i % k, texts[i], results[i], verdicts[i])
+                for i in range(len(results))]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (rows, gen_s, sum(len(r.tokens) for r in results)))
+    if dist.get_rank() != 0:
+        return None
+    rows = sorted((r for part, _, _ in gathered for r in part),
+                  key=lambda r: (r["index"], r["sample"]))
+    tokens = sum(t for _, _, t in gathered) / (args.tp * args.pp)
+    return _report(args, rows, tokens / max(g for _, g, _ in gathered))
+
+
+def _row(prompt: Any, sample: int, text: str, result: Any, verdict: VerifyResult) -> dict:
+    return {"index": prompt.index, "sample": sample, "dataset": prompt.dataset,
+            "prompt": prompt.messages[-1]["content"] if prompt.messages else "",
+            "ground_truth": prompt.ground_truth, "response": text,
+            "has_eos": result.has_eos, "correct": verdict.correct,
+            "extracted": verdict.extracted, "reason": verdict.reason,
+            "reward": rlvr_reward(verdict, result.has_eos)}
+
+
+def _report(args: argparse.Namespace, rows: list[dict], tokens_per_s: float) -> dict[str, Any]:
+    by_prompt: dict[int, tuple[str, list[bool]]] = {}
+    for row in rows:
+        by_prompt.setdefault(row["index"], (row["dataset"], []))[1].append(row["correct"])
+    ks = [2 ** i for i in range(args.samples.bit_length()) if 2 ** i <= args.samples]
+    if args.samples not in ks:
+        ks.append(args.samples)
+    return {"summary": summarize(rows), "pass_at_k": pass_at_k_by_dataset(by_prompt.values(), ks),
+            "no_eos": sum(not r["has_eos"] for r in rows) / max(len(rows), 1),
+            "gen_tokens_per_s": tokens_per_s, "samples": rows[:args.show],
+            "settings": {k: v for k, v in vars(args).items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    owns_group = not dist.is_initialized()
+    report = evaluate(args)
+    if report is not None:
+        print(format_summary(report["summary"]))
+        for dataset, values in sorted(report["pass_at_k"].items()):
+            print(f"{dataset:<12} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+            print(f"report: {args.out}")
+    if owns_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The two extra models of RLVR: the frozen reference policy and PPO's value model.
+
+- Reference: the policy as it was when the run started (its ``model.load`` weights), a second set
+  of chunks at the same layout, frozen; its weights are copied from the policy's before the first
+  update (no file is read twice). Used for the KL penalty (PPO) / KL loss (GRPO).
+- Value model: :class:`tulu3.model.scalar_head.ScalarHeadModel` chunks at the same layout, with
+  their own DDP wrapper, megatron optimizer and LR schedule (the ``optim.*`` settings), loaded
+  from ``rlvr.value_model`` (a reward model, as Tülu 3), else from ``model.load`` (the policy),
+  else left at its initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tulu3.config import Config
+from tulu3.model.build import build_model_chunks
+from tulu3.optim import build_optimizer
+from tulu3.parallel.ddp import unwrap, wrap_ddp
+from tulu3.parallel.layout import ParallelLayout
+
+
+def build_reference(cfg: Config, policy_chunks: list, layout: ParallelLayout
+                    ) -> list[torch.nn.Module]:
+    """Frozen chunks holding a copy of the policy's current weights."""
+    chunks = build_model_chunks(cfg.model, layout)
+    for ref, policy in zip(chunks, policy_chunks, strict=True):
+        source = dict(unwrap(policy).named_parameters())
+        with torch.no_grad():
+            for name, param in ref.named_parameters():
+                param.copy_(source[name])
+                param.requires_grad_(False)
+        ref.eval()
+    return chunks
+
+
+class ValueModel:
+    """PPO's value model: chunks (DDP-wrapped), optimizer and scheduler."""
+
+    def __init__(self, cfg: Config, layout: ParallelLayout, total_steps: int) -> None:
+        from tulu3.model.presets import with_shape
+        from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
+
+        source = cfg.rlvr.value_model or cfg.model.load
+        model_cfg = cfg.model
+        if cfg.rlvr.value_model:
+            from checkpoints_tools.load import checkpoint_shape
+
+            model_cfg = with_shape(dataclasses.replace(cfg.model, load=source),
+                                   checkpoint_shape(source))
+        chunks = build_scalar_chunks(model_cfg, layout)
+        if source:
+            from tulu3.model.presets import resolve_shape
+
+            load_scalar_weights(source, chunks, resolve_shape(model_cfg), layout)
+        self.chunks = wrap_ddp(chunks, layout)
+        value_cfg = dataclasses.replace(cfg, model=model_cfg)
+        self.optimizer, self.scheduler = build_optimizer(value_cfg, self.chunks, total_steps)
+        unwrap(self.chunks[0]).config.grad_scale_func = self.optimizer.scale_loss
