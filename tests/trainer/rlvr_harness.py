@@ -9,14 +9,13 @@ but picks either style; RLVR has to learn the style the verifier accepts.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from trainer_harness import tiny_data
 
 from tulu3.config import load_config
 from tulu3.data.loading import write_jsonl
-from tulu3.data.synthetic import add_answer
+from tulu3.data.synthetic import small_addition_rows
 from tulu3.metrics import read_metrics
 
 RECIPE = "launch/recipes/tiny-rlvr.yaml"
@@ -34,18 +33,7 @@ def coin_rows() -> list[dict]:
 
 
 def addition_rows(n: int, seed: int, answers: bool) -> list[dict]:
-    """Single-digit (0..4) additions; with ``answers``, SFT chats in either answer style."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 4), rng.randint(0, 4)
-        user = {"role": "user", "content": f"What is {a} + {b}?"}
-        if not answers:
-            rows.append({"messages": [user], "ground_truth": str(a + b), "dataset": "gsm8k"})
-            continue
-        reply = add_answer(a, b) if rng.random() < 0.5 else f"The answer is {a + b} = {a} + {b}."
-        rows.append({"messages": [user, {"role": "assistant", "content": reply}]})
-    return rows
+    return small_addition_rows(n, seed, answers)
 
 
 def make_data(root: Path) -> dict[str, str]:

@@ -129,3 +129,24 @@ def write_splits(out_dir: str | Path, seed: int = 0, n_sft: int = 512, n_dpo: in
     splits = {"sft": sft_rows(n_sft, seed), "dpo": dpo_rows(n_dpo, seed),
               "rlvr": rlvr_rows(n_rlvr, seed), "eval": eval_rows(n_eval, seed)}
     return {name: write_jsonl(rows, out / f"{name}.jsonl") for name, rows in splits.items()}
+
+
+def small_addition_rows(n: int, seed: int, answers: bool) -> list[dict]:
+    """Single-digit additions (operands 0..4), the demo's and tests' RLVR task.
+
+    With ``answers``: SFT chats answered in one of two styles, "a + b = c. The answer is c."
+    (verified: the gsm8k verifier reads the last number) or "The answer is c = a + b." (not).
+    A briefly SFT-ed tiny model gets the sums right but picks either style; RLVR has to find
+    the verified one. Without ``answers``: RLVR rows (ground_truth the sum, dataset gsm8k).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        user = {"role": "user", "content": f"What is {a} + {b}?"}
+        if not answers:
+            rows.append({"messages": [user], "ground_truth": str(a + b), "dataset": "gsm8k"})
+            continue
+        reply = add_answer(a, b) if rng.random() < 0.5 else f"The answer is {a + b} = {a} + {b}."
+        rows.append({"messages": [user, {"role": "assistant", "content": reply}]})
+    return rows

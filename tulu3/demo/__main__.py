@@ -21,9 +21,15 @@ from tulu3.demo.report import write_report
 
 LAYOUTS = {"tp2pp2": ["parallel.tp=2", "parallel.pp=2"],
            "tp2dp2": ["parallel.tp=2", "parallel.pp=1"]}
-# A "tiny" Llama a little wider than the test preset: it learns two-digit additions in minutes.
-MODEL = ["model.preset=tiny", "model.hidden=128", "model.heads=4", "model.kv_heads=2",
-         "model.ffn_hidden=384", "model.layers=4"]
+MODEL = ["model.preset=tiny"]
+# Per-stage settings of the measured tiny experiment (docs/PERFORMANCE.md, RLVR learning): SFT
+# long enough to learn single-digit sums, RLVR (GRPO) long enough to find the verified style.
+SFT = ["train.global_batch=32", "train.micro_batch=32", "train.max_steps=150", "train.epochs=2",
+       "optim.lr=3e-3", "optim.warmup=5", "optim.schedule=constant", "sft.loss_reduction=mean",
+       "data.max_len=64", "data.pack=false", "train.eval_every=50"]
+DPO = ["train.max_steps=16", "optim.lr=5e-4"]
+RLVR = ["train.max_steps=20", "train.micro_batch=16", "rlvr.max_new_tokens=20", "optim.lr=2e-4",
+        "rlvr.algo=grpo", "rlvr.kl_beta=0.01"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="optimizer steps per stage (default: each recipe's own)")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tp2pp2")
     parser.add_argument("--nproc", type=int, default=4, help="processes per stage")
-    parser.add_argument("--eval-samples", type=int, default=64, help="eval prompts per stage")
+    parser.add_argument("--eval-samples", type=int, default=40, help="eval prompts per stage")
     return parser.parse_args(argv)
 
 
@@ -72,7 +78,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def curate(data: dict[str, str], out: Path) -> dict:
-    """Plant three eval prompts in the SFT split, then remove every overlapping row."""
+    """Plant three eval prompts in the SFT split, remove every overlapping row, then add the
+    verifiable task's SFT chats (in-distribution by design: its eval is add_eval.jsonl)."""
     from tulu3.curate import decontaminate
     from tulu3.data.loading import read_rows, write_jsonl
 
@@ -84,7 +91,10 @@ def curate(data: dict[str, str], out: Path) -> dict:
     # The synthetic prompts are short ("What is 23 + 45?"): 4-grams instead of Tülu 3's 8.
     removed, report = decontaminate(rows, {"eval": evals}, n=4)
     drop = set(removed)
-    path = write_jsonl([r for i, r in enumerate(rows) if i not in drop], out / "sft_curated.jsonl")
+    kept = [r for i, r in enumerate(rows) if i not in drop]
+    write_jsonl(kept, out / "sft_curated.jsonl")
+    additions = [row for row, _ in read_rows(data["add_sft"])]
+    path = write_jsonl(kept + additions, out / "sft_mix.jsonl")
     report.update(planted=len(planted), planted_removed=len(drop & set(range(len(sft),
                                                                                  len(rows)))))
     data["sft"] = path
@@ -111,8 +121,9 @@ def run_stage(stage: str, args: argparse.Namespace, data: dict[str, str], out: P
 
 def evaluate(checkpoint: str, data: dict[str, str], out: Path, name: str, samples: int) -> dict:
     report = out / f"eval_{name}.json"
-    command = [sys.executable, "-m", "tulu3.eval", "--ckpt", checkpoint, "--data", data["eval"],
-               "--max-new-tokens", "24", "--limit", str(samples), "--out", str(report)]
+    command = [sys.executable, "-m", "tulu3.eval", "--ckpt", checkpoint, "--data",
+               data["add_eval"], "--max-new-tokens", "20", "--limit", str(samples), "--workers",
+               "1", "--tokenizer", data["tokenizer"], "--out", str(report)]
     _log(f"eval {name}")
     _run(command, out / f"eval_{name}.log")
     return json.loads(report.read_text())
@@ -140,11 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     _log(f"curation: removed {curation['removed_rows']} of {curation['train_rows']} SFT rows "
          f"({curation['planted_removed']}/{curation['planted']} planted eval prompts)")
     sft = run_stage("sft", args, data, out, None,
-                    [f"data.train={data['sft']}", f"data.eval={data['sft_eval']}"])
+                    [*SFT, f"data.train={data['sft']}", f"data.eval={data['sft_eval']}"])
     dpo = run_stage("dpo", args, data, out, Path(sft["checkpoint"]),
-                    [f"data.train={data['dpo']}", f"data.eval={data['dpo_eval']}"])
+                    [*DPO, f"data.train={data['dpo']}", f"data.eval={data['dpo_eval']}"])
     rlvr = run_stage("rlvr", args, data, out, Path(dpo["checkpoint"]),
-                     [f"data.train={data['rlvr']}"])
+                     [*RLVR, f"data.train={data['add_rlvr']}", f"data.eval={data['add_eval']}"])
     stages = [sft, dpo, rlvr]
     for stage in stages:
         stage["eval"] = evaluate(stage["checkpoint"], data, out, stage["stage"],

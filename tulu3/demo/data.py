@@ -2,7 +2,9 @@
 
 Writes DIR/tokenizer.model (a Llama-3-format tiktoken file learned from the synthetic corpus),
 sft.jsonl, sft_eval.jsonl, dpo.jsonl, dpo_eval.jsonl, rlvr.jsonl and eval.jsonl (held-out
-additions, RLVR format). The tiny recipes in launch/recipes/ read these paths.
+two-digit additions, RLVR format), and the demo's verifiable task: add_sft.jsonl, add_rlvr.jsonl,
+add_eval.jsonl (single-digit additions; see synthetic.small_addition_rows). The tiny recipes in
+launch/recipes/ read these paths.
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ import argparse
 from pathlib import Path
 
 from tulu3.data.loading import write_jsonl
-from tulu3.data.synthetic import dpo_rows, sft_rows, tokenizer_corpus, write_splits
+from tulu3.data.synthetic import (
+    dpo_rows,
+    sft_rows,
+    small_addition_rows,
+    tokenizer_corpus,
+    write_splits,
+)
 from tulu3.data.tokenizer import build_tiny_tiktoken
 
 DEFAULT_DIR = "runs/tiny/data"
@@ -26,6 +34,13 @@ def make_tiny_data(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, n_sft: int 
     paths = write_splits(out, seed, n_sft, n_dpo, n_rlvr, n_eval)
     paths["sft_eval"] = write_jsonl(sft_rows(n_eval, seed + 1), out / "sft_eval.jsonl")
     paths["dpo_eval"] = write_jsonl(dpo_rows(n_eval, seed + 1), out / "dpo_eval.jsonl")
+    # The verifiable task of the demo's RLVR stage (tulu3.data.synthetic.small_addition_rows).
+    paths["add_sft"] = write_jsonl(small_addition_rows(4096, seed + 1, True),
+                                   out / "add_sft.jsonl")
+    paths["add_rlvr"] = write_jsonl(small_addition_rows(512, seed + 2, False),
+                                    out / "add_rlvr.jsonl")
+    paths["add_eval"] = write_jsonl(small_addition_rows(40, seed + 3, False),
+                                    out / "add_eval.jsonl")
     tokenizer = out / "tokenizer.model"
     if not tokenizer.exists():
         build_tiny_tiktoken(str(tokenizer), tokenizer_corpus(seed=seed), MERGES)

@@ -39,7 +39,7 @@ def _stage_section(out: Path, stage: dict) -> list[str]:
         if key in last:
             lines.append(f"| {key} | {_fmt(first.get(key, ''))} | {_fmt(last[key])} |")
     accuracy = eval_accuracy(stage.get("eval", {}))
-    lines += ["", f"Held-out addition accuracy (greedy, `tulu3.eval`): "
+    lines += ["", f"Verifiable-task accuracy (greedy, `tulu3.eval` on add_eval.jsonl): "
                   f"**{_fmt(accuracy) if accuracy is not None else 'n/a'}**", ""]
     run_dir = Path(stage["run_dir"])
     for plot in PLOTS[name]:
@@ -56,9 +56,11 @@ def write_report(out: Path, stages: list[dict], curation: dict, export: dict,
              "`python -m tulu3.train` on CPU processes (gloo).", "",
              "## Curation", "",
              f"8-gram decontamination (4-grams here: the prompts are short) of the SFT split "
-             f"against the eval split: {curation['removed_rows']} of {curation['train_rows']} "
-             f"rows removed, {curation['planted_removed']} of {curation['planted']} planted "
-             "eval prompts among them.", ""]
+             f"against the held-out eval split: {curation['removed_rows']} of "
+             f"{curation['train_rows']} rows removed, {curation['planted_removed']} of "
+             f"{curation['planted']} planted eval prompts among them. The RLVR task's SFT chats "
+             "(single-digit additions, two answer styles, only one verifiable) are added after "
+             "curation: its eval set (add_eval.jsonl) is in-distribution by design.", ""]
     for stage in stages:
         lines += _stage_section(out, stage)
     accuracies = [eval_accuracy(s.get("eval", {})) for s in stages]
