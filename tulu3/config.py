@@ -197,7 +197,7 @@ class RLVRConfig:
     verifier_timeout_s: float = 5.0
     verifier_workers: int = 2
     rollout_backend: str = "inprocess"
-    """inprocess (the trainer's own weights) | vllm (GPU clusters)."""
+    """inprocess (the trainer's own weights). vllm is reserved: not implemented yet (refused)."""
 
 
 @dataclass
