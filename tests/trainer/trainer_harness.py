@@ -31,7 +31,7 @@ def sft_overrides(data: dict[str, str], run_dir: Path, *extra: str) -> list[str]
             f"model.load={data['hf']}",
             "train.global_batch=8", "train.micro_batch=2", "train.max_steps=6",
             f"train.run_dir={run_dir}", "train.plots=false", "optim.lr=3e-3",
-            "optim.warmup=1", *extra]
+            "optim.warmup=1", "data.eval=null", *extra]
 
 
 def run_sft(overrides: list[str]) -> list[float]:
