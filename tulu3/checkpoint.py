@@ -203,8 +203,9 @@ def load_checkpoint(path: Path, ddp_chunks: list, optimizer: Any, scheduler: Any
             f"weights with model.load={path} instead.") from err
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank()}.pt"
-    same_world = state["layout"]["dp"] * layout.model_parallel == layout.world_size and \
-        all(state["layout"][k] == getattr(layout, k) for k in ("tp", "pp", "vpp", "dp"))
+    # RNG streams are per rank: restore them only where every rank is the same rank as before.
+    same_world = all(state["layout"][k] == getattr(layout, k)
+                     for k in ("tp", "pp", "vpp", "dp", "cp"))
     if rng_file.is_file() and same_world:
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state

@@ -124,7 +124,7 @@ def reduce_metrics(store: list[dict], names: tuple[str, ...], layout: ParallelLa
     return out
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
@@ -161,7 +161,7 @@ def train_step(chunks: list[torch.nn.Module], optimizer, scheduler, micro_batche
 
     metrics = run_schedule(chunks, micro_batches, stage, layout, loss_hook=check)
     lr = optimizer.param_groups[0]["lr"]
-    if _any_rank(bool(bad) or not math.isfinite(metrics.get("loss", 0.0))):
+    if any_rank(bool(bad) or not math.isfinite(metrics.get("loss", 0.0))):
         if not skip_nonfinite:
             where = "; ".join(bad) or "reported by another rank"
             raise NonFiniteLoss(f"step {step}: non-finite loss ({where}); set "

@@ -25,6 +25,7 @@ from tulu3.optim import build_optimizer
 from tulu3.parallel.ddp import unwrap, wrap_ddp
 from tulu3.parallel.init import setup_parallel
 from tulu3.parallel.layout import ParallelLayout
+from tulu3.step import any_rank
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
@@ -198,13 +199,10 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         """Any rank got SIGTERM/SIGINT -> every rank saves and stops after this step."""
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        dist.all_reduce(flag)
-        if flag.item() > 0 and self._stop_signal is None:
+        stopping = any_rank(self._stop_signal is not None)
+        if stopping and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM
-        return flag.item() > 0
+        return stopping
 
 
 def loop_has_eval(loop: Loop) -> bool:
