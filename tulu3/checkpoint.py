@@ -3,8 +3,12 @@
     RUN_DIR/checkpoints/
       step_N/            tulu3.json + model/ (checkpoints_tools.format), and
         optimizer/       megatron dist_checkpointing of the optimizer (reshardable)
-        trainer.json     step, scheduler, sampler position, counters (rank 0)
+        trainer.json     step, scheduler, sampler position, counters (rank 0); the extra models'
+                         schedulers under "extra": {NAME: {"scheduler": ...}}
         rng/rank_R.pt    every RNG this rank draws from
+        NAME/            each extra trained model of the loop (PPO: value/): its own tulu3.json +
+                         model/ + optimizer/, a checkpoint ``model.load`` / ``rlvr.value_model``
+                         can read on its own
       latest             text: "step_N"
       .tmp_step_N/       a save in progress; renamed to step_N only when complete
 
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,14 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpoints_tools import ConversionError
-from checkpoints_tools.format import load_model, make_meta, read_meta, save_model, write_meta
+from checkpoints_tools.format import (
+    META_FILE,
+    load_model,
+    make_meta,
+    read_meta,
+    save_model,
+    write_meta,
+)
 from tulu3.model.presets import LlamaShape
 from tulu3.parallel.ddp import unwrap
 from tulu3.parallel.layout import ParallelLayout
@@ -40,10 +52,25 @@ LATEST = "latest"
 # Megatron's default DistributedOptimizer sharding cannot be saved by torch_dist; this one can,
 # and it reshards across layouts.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "cp")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit this run."""
+
+
+@dataclass
+class TrainedModel:
+    """One trained model of a checkpoint: the policy, or an extra one of the loop (PPO's value
+    model, ``Loop.extra_models``)."""
+
+    chunks: list
+    """This rank's DDP-wrapped chunks."""
+    optimizer: Any
+    scheduler: Any
+    shape: LlamaShape
+    load_key: str = "model.load"
+    """The recipe key that starts a new run from this model's weights (named in errors)."""
 
 
 def _rank() -> int:
@@ -82,37 +109,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, ddp_chunks: list, optimizer: Any,
-                    scheduler: Any, trainer_state: dict, shape: LlamaShape, layout: ParallelLayout,
-                    dtype: str, tokenizer: str | None = None, keep_last: int = 2) -> Path:
-    """Save everything needed to resume at ``step``; collective (every rank calls it)."""
-    from megatron.core import dist_checkpointing
-
+def save_checkpoint(run_dir: str | Path, step: int, policy: TrainedModel, trainer_state: dict,
+                    layout: ParallelLayout, dtype: str, tokenizer: str | None = None,
+                    keep_last: int = 2, extra: dict[str, TrainedModel] | None = None) -> Path:
+    """Save everything needed to resume at ``step``: the policy in ``step_N/``, each extra
+    model in ``step_N/NAME/``; collective (every rank calls it)."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    extra = extra or {}
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    save_model([unwrap(c) for c in ddp_chunks], tmp)
+    _save_trained(policy, tmp)
     _fault_point("save", step)
-    optimizer_dir = tmp / OPTIMIZER_DIR
-    if _rank() == 0:
-        optimizer_dir.mkdir()
-    _barrier()
-    state = optimizer.sharded_state_dict(_model_sharded(ddp_chunks), is_loading=False,
-                                         metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(state, str(optimizer_dir))
+    for name, model in extra.items():
+        _save_trained(model, tmp / name)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
     if _rank() == 0:
-        full_state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
-                      "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp,
-                                 "dp": layout.dp, "cp": layout.cp,
+        full_state = {**trainer_state, "step": step, "scheduler": policy.scheduler.state_dict(),
+                      "layout": {**{k: getattr(layout, k) for k in LAYOUT_KEYS},
                                  "distributed_optimizer": layout.distributed_optimizer}}
+        if extra:
+            full_state["extra"] = {name: {"scheduler": m.scheduler.state_dict()}
+                                   for name, m in extra.items()}
         (tmp / TRAINER_FILE).write_text(json.dumps(full_state, indent=1))
-        head = getattr(unwrap(ddp_chunks[0]), "head_kind", "lm")  # scalar: reward/value model
-        write_meta(tmp, make_meta(shape, layout.tp, layout.pp, layout.vpp, dtype, step=step,
-                                  tokenizer=tokenizer, head=head))
+        for folder, model in [(tmp, policy), *((tmp / n, m) for n, m in extra.items())]:
+            head = getattr(unwrap(model.chunks[0]), "head_kind", "lm")  # scalar: reward/value
+            write_meta(folder, make_meta(model.shape, layout.tp, layout.pp, layout.vpp, dtype,
+                                         step=step, tokenizer=tokenizer, head=head))
     _barrier()
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -121,6 +146,20 @@ def save_checkpoint(run_dir: str | Path, step: int, ddp_chunks: list, optimizer:
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _save_trained(model: TrainedModel, folder: Path) -> None:
+    """``folder/model`` (weights) and ``folder/optimizer`` (reshardable); collective."""
+    from megatron.core import dist_checkpointing
+
+    save_model([unwrap(c) for c in model.chunks], folder)
+    optimizer_dir = folder / OPTIMIZER_DIR
+    if _rank() == 0:
+        optimizer_dir.mkdir()
+    _barrier()
+    state = model.optimizer.sharded_state_dict(_model_sharded(model.chunks), is_loading=False,
+                                               metadata=OPTIMIZER_METADATA)
+    dist_checkpointing.save(state, str(optimizer_dir))
 
 
 def _fault_point(where: str, step: int) -> None:
@@ -172,40 +211,59 @@ def clean_partial_saves(run_dir: str | Path) -> None:
     _barrier()
 
 
-def load_checkpoint(path: Path, ddp_chunks: list, optimizer: Any, scheduler: Any,
-                    shape: LlamaShape, layout: ParallelLayout) -> dict:
-    """Restore model, optimizer, scheduler and RNG; returns trainer.json's state."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        meta = read_meta(path)
-    except ConversionError as err:
-        raise CheckpointError(f"cannot resume from {path}: {err}") from err
-    if meta.shape != shape:
-        raise CheckpointError(f"cannot resume from {path}: it holds a model of shape "
-                              f"{meta.shape}, this run builds {shape}")
+def load_checkpoint(path: Path, policy: TrainedModel, layout: ParallelLayout,
+                    extra: dict[str, TrainedModel] | None = None) -> dict:
+    """Restore the policy and each extra model (weights, optimizer, scheduler) and the RNG;
+    returns trainer.json's state."""
+    extra = extra or {}
     state = json.loads((path / TRAINER_FILE).read_text())
-    try:
-        load_model([unwrap(c) for c in ddp_chunks], path)
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - name the checkpoint
-        summary = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
-        raise CheckpointError(f"{path}: the model weights cannot be read: the checkpoint is "
-                              f"corrupt or incomplete ({type(err).__name__}: {summary})") from err
-    request = optimizer.sharded_state_dict(_model_sharded(ddp_chunks), is_loading=True,
-                                           metadata=OPTIMIZER_METADATA)
-    try:
-        loaded = dist_checkpointing.load(request, str(path / OPTIMIZER_DIR))
-        optimizer.load_state_dict(loaded)
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - name both layouts
-        raise CheckpointError(
-            f"{path}: the optimizer state saved at {state['layout']} cannot be loaded at "
-            f"{layout.describe()} ({type(err).__name__}: {err}). Start a new run from its "
-            f"weights with model.load={path} instead.") from err
-    scheduler.load_state_dict(state["scheduler"])
+    saved = state.get("extra", {})
+    for name in extra:
+        # No silent restart: a PPO run whose value model restarts is not the run that stopped.
+        if name not in saved or not (path / name / META_FILE).is_file():
+            raise CheckpointError(
+                f"cannot resume from {path}: it holds no {name!r} model ({path / name} is "
+                f"missing: a checkpoint saved before extra models were checkpointed, or by a "
+                f"run without one). Start a new run from its weights with model.load={path} "
+                f"instead.")
+    _load_trained(path, policy, state["layout"], layout)
+    policy.scheduler.load_state_dict(state["scheduler"])
+    for name, model in extra.items():
+        _load_trained(path / name, model, state["layout"], layout)
+        model.scheduler.load_state_dict(saved[name]["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank()}.pt"
     # RNG streams are per rank: restore them only where every rank is the same rank as before.
-    same_world = all(state["layout"][k] == getattr(layout, k)
-                     for k in ("tp", "pp", "vpp", "dp", "cp"))
+    same_world = all(state["layout"][k] == getattr(layout, k) for k in LAYOUT_KEYS)
     if rng_file.is_file() and same_world:
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def _load_trained(folder: Path, model: TrainedModel, saved_layout: dict,
+                  layout: ParallelLayout) -> None:
+    """Weights from ``folder/model``, optimizer state from ``folder/optimizer``; collective."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        meta = read_meta(folder)
+    except ConversionError as err:
+        raise CheckpointError(f"cannot resume from {folder}: {err}") from err
+    if meta.shape != model.shape:
+        raise CheckpointError(f"cannot resume from {folder}: it holds a model of shape "
+                              f"{meta.shape}, this run builds {model.shape}")
+    try:
+        load_model([unwrap(c) for c in model.chunks], folder)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - name the checkpoint
+        summary = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+        raise CheckpointError(f"{folder}: the model weights cannot be read: the checkpoint is "
+                              f"corrupt or incomplete ({type(err).__name__}: {summary})") from err
+    request = model.optimizer.sharded_state_dict(_model_sharded(model.chunks), is_loading=True,
+                                                 metadata=OPTIMIZER_METADATA)
+    try:
+        loaded = dist_checkpointing.load(request, str(folder / OPTIMIZER_DIR))
+        model.optimizer.load_state_dict(loaded)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - name both layouts
+        raise CheckpointError(
+            f"{folder}: the optimizer state saved at {saved_layout} cannot be loaded at "
+            f"{layout.describe()} ({type(err).__name__}: {err}). Start a new run from its "
+            f"weights with {model.load_key}={folder} instead.") from err

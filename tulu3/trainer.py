@@ -16,7 +16,13 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from tulu3.checkpoint import clean_partial_saves, find_resume, load_checkpoint, save_checkpoint
+from tulu3.checkpoint import (
+    TrainedModel,
+    clean_partial_saves,
+    find_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tulu3.config import Config, ConfigError, save_config
 from tulu3.metrics import MetricsLogger
 from tulu3.model.build import build_model_chunks
@@ -31,7 +37,12 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
 class Loop(Protocol):
-    """What a stage plugs into the trainer (tulu3/loops/*.py)."""
+    """What a stage plugs into the trainer (tulu3/loops/*.py).
+
+    Optional: ``extra_models() -> dict[str, TrainedModel]``, the models besides the policy that
+    the loop trains (PPO: ``{"value": ...}``); checkpoints save and restore them with the policy
+    (tulu3/checkpoint.py). Frozen models (the reference policy) are not among them.
+    """
 
     def total_steps(self) -> int: ...
     def train_step(self, step: int) -> dict[str, Any]: ...
@@ -173,7 +184,8 @@ class Trainer:
         path = find_resume(self.run_dir, self.cfg.train.resume)
         if path is None:
             return 0, counters
-        state = load_checkpoint(path, chunks, self.optimizer, self.scheduler, shape, self.layout)
+        state = load_checkpoint(path, self._policy(chunks, shape), self.layout,
+                                extra_models(loop))
         loop.load_state_dict(state["loop"])
         counters.update(state.get("counters", {}))
         if self.rank == 0:
@@ -183,12 +195,15 @@ class Trainer:
     def _save(self, step: int, loop: Loop, chunks: list, shape: LlamaShape, counters: dict,
               tokenizer_path: str | None) -> None:
         started = time.monotonic()
-        path = save_checkpoint(self.run_dir, step, chunks, self.optimizer, self.scheduler,
+        path = save_checkpoint(self.run_dir, step, self._policy(chunks, shape),
                                {"loop": loop.state_dict(), "counters": counters,
-                                "stage": self.stage}, shape, self.layout, self.cfg.model.dtype,
-                               tokenizer_path, self.cfg.train.keep_last)
+                                "stage": self.stage}, self.layout, self.cfg.model.dtype,
+                               tokenizer_path, self.cfg.train.keep_last, extra_models(loop))
         if self.rank == 0:
             print(f"[tulu3] saved {path} ({time.monotonic() - started:.1f} s)", flush=True)
+
+    def _policy(self, chunks: list, shape: LlamaShape) -> TrainedModel:
+        return TrainedModel(chunks, self.optimizer, self.scheduler, shape)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: Any) -> None:
@@ -207,6 +222,12 @@ class Trainer:
 
 def loop_has_eval(loop: Loop) -> bool:
     return bool(getattr(loop, "has_eval", False))
+
+
+def extra_models(loop: Loop) -> dict[str, TrainedModel]:
+    """The loop's trained models besides the policy (none unless it has ``extra_models``)."""
+    method = getattr(loop, "extra_models", None)
+    return method() if method is not None else {}
 
 
 def _rewrite_last(path: Path, record: dict) -> None:

@@ -21,9 +21,10 @@ the shared :func:`tulu3.step.train_step`. Per step:
    of mini-batches is shuffled per epoch with a seeded RNG. PPO also updates the value model
    (its own megatron optimizer) on the same mini-batch.
 
-Checkpoints hold the policy (and its optimizer), the reference is rebuilt from ``model.load`` on
-a resume; PPO's value model is not checkpointed yet (a resumed PPO run restarts it, with a
-warning).
+Checkpoints hold the policy and, for PPO, the value model (``step_N/value/``: weights, optimizer,
+LR schedule; :meth:`RLVRLoop.extra_models`), so a resumed run continues exactly where it stopped.
+The frozen reference is not saved: it is rebuilt from ``model.load`` (see
+:func:`~tulu3.loops.rlvr_models.build_reference`).
 
 LR schedule: it steps once per rollout batch (``optim.warmup`` and the decay count rollout
 batches); every optimizer step of one rollout batch uses the same LR.
@@ -49,6 +50,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from tulu3.checkpoint import TrainedModel
 from tulu3.config import Config, ConfigError
 from tulu3.data.dataset import build_dataset
 from tulu3.data.sampler import GlobalBatchSampler
@@ -340,10 +342,11 @@ class RLVRLoop:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        if self.value is not None and dist.get_rank() == 0:
-            # The trainer's checkpoint holds the policy only (no hook for a second model yet).
-            print("[tulu3] warning: PPO resumed: the value model and its optimizer restart from "
-                  "rlvr.value_model / model.load, not from the checkpoint", flush=True)
+
+    def extra_models(self) -> dict[str, TrainedModel]:
+        """PPO's value model, checkpointed with the policy (GRPO: none; the reference is frozen
+        and rebuilt from model.load)."""
+        return {"value": self.value.trained()} if self.value is not None else {}
 
     def close(self) -> None:
         if self.pool is not None:

@@ -2,11 +2,14 @@
 
 - Reference: the policy as it was when the run started (its ``model.load`` weights), a second set
   of chunks at the same layout, frozen; its weights are copied from the policy's before the first
-  update (no file is read twice). Used for the KL penalty (PPO) / KL loss (GRPO).
+  update (no file is read twice), also on a resume (see :func:`build_reference`). Used for the
+  KL penalty (PPO) / KL loss (GRPO).
 - Value model: :class:`tulu3.model.scalar_head.ScalarHeadModel` chunks at the same layout, with
   their own DDP wrapper, megatron optimizer and LR schedule (the ``optim.*`` settings), loaded
   from ``rlvr.value_model`` (a reward model, as Tülu 3), else from ``model.load`` (the policy),
-  else left at its initialisation.
+  else left at its initialisation. Checkpointed with the policy (``step_N/value/``, a scalar-head
+  checkpoint that ``rlvr.value_model`` can load); a resume restores weights, optimizer and LR
+  schedule.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 
 import torch
 
+from tulu3.checkpoint import TrainedModel
 from tulu3.config import Config
 from tulu3.model.build import build_model_chunks
 from tulu3.optim import build_optimizer
@@ -24,7 +28,14 @@ from tulu3.parallel.layout import ParallelLayout
 
 def build_reference(cfg: Config, policy_chunks: list, layout: ParallelLayout
                     ) -> list[torch.nn.Module]:
-    """Frozen chunks holding a copy of the policy's current weights."""
+    """Frozen chunks holding a copy of the policy's current weights.
+
+    Called when the loop is built, before the trainer resumes (tulu3.run.run_stage: model ->
+    loop -> optimizer -> fit, which resumes), so the policy still holds ``model.load``'s weights
+    (or its seeded initialisation): on a resume too the reference is the run's start, not the
+    resumed policy. That is cheaper than saving the reference in every checkpoint (a second
+    full model on disk) and reads no file. Building the loop after the resume would break it.
+    """
     chunks = build_model_chunks(cfg.model, layout)
     for ref, policy in zip(chunks, policy_chunks, strict=True):
         source = dict(unwrap(policy).named_parameters())
@@ -40,7 +51,7 @@ class ValueModel:
     """PPO's value model: chunks (DDP-wrapped), optimizer and scheduler."""
 
     def __init__(self, cfg: Config, layout: ParallelLayout, total_steps: int) -> None:
-        from tulu3.model.presets import with_shape
+        from tulu3.model.presets import resolve_shape, with_shape
         from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
 
         source = cfg.rlvr.value_model or cfg.model.load
@@ -51,11 +62,15 @@ class ValueModel:
             model_cfg = with_shape(dataclasses.replace(cfg.model, load=source),
                                    checkpoint_shape(source))
         chunks = build_scalar_chunks(model_cfg, layout)
+        self.shape = resolve_shape(model_cfg)
         if source:
-            from tulu3.model.presets import resolve_shape
-
-            load_scalar_weights(source, chunks, resolve_shape(model_cfg), layout)
+            load_scalar_weights(source, chunks, self.shape, layout)
         self.chunks = wrap_ddp(chunks, layout)
         value_cfg = dataclasses.replace(cfg, model=model_cfg)
         self.optimizer, self.scheduler = build_optimizer(value_cfg, self.chunks, total_steps)
         unwrap(self.chunks[0]).config.grad_scale_func = self.optimizer.scale_loss
+
+    def trained(self) -> TrainedModel:
+        """What a checkpoint saves and restores (``step_N/value/``)."""
+        return TrainedModel(self.chunks, self.optimizer, self.scheduler, self.shape,
+                            load_key="rlvr.value_model")
