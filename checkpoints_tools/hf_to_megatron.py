@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints_tools import ConversionError
+from checkpoints_tools import ConversionError, run_cli
 from checkpoints_tools.dcp_io import DistWriter
 from checkpoints_tools.format import (
     DTYPE_NAMES,
@@ -181,14 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        out = convert(args.hf_dir, args.out, args.tp, args.pp, args.vpp, args.dtype, args.force,
-                      args.quiet)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (TP{args.tp} PP{args.pp} VPP{args.vpp}; loads at any layout)")
-    return 0
+    layout = f"TP{args.tp} PP{args.pp} VPP{args.vpp}"
+    return run_cli(convert, args.hf_dir, args.out, args.tp, args.pp, args.vpp, args.dtype,
+                   args.force, args.quiet,
+                   done=lambda out: f"wrote {out} ({layout}; loads at any layout)")
 
 
 if __name__ == "__main__":

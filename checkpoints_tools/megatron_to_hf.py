@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints_tools import ConversionError
+from checkpoints_tools import ConversionError, run_cli
 from checkpoints_tools.dcp_io import DistReader
 from checkpoints_tools.format import (
     DTYPE_NAMES,
@@ -129,16 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        notes = export(args.ckpt, args.out, args.dtype, args.tokenizer_dir, args.force,
-                       args.max_shard_size, args.quiet)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(note)
-    print(f"wrote {args.out}")
-    return 0
+    return run_cli(export, args.ckpt, args.out, args.dtype, args.tokenizer_dir, args.force,
+                   args.max_shard_size, args.quiet, done=f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints_tools import ConversionError
+from checkpoints_tools import ConversionError, run_cli
 from checkpoints_tools.dcp_io import DistReader, DistWriter
 from checkpoints_tools.format import (
     META_FILE,
@@ -106,15 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        notes = reshard(args.ckpt, args.out, args.tp, args.pp, args.vpp, args.force, args.quiet)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-    print(f"wrote {args.out} (TP{args.tp} PP{args.pp} VPP{args.vpp})")
-    return 0
+    return run_cli(reshard, args.ckpt, args.out, args.tp, args.pp, args.vpp, args.force,
+                   args.quiet, done=f"wrote {args.out} (TP{args.tp} PP{args.pp} VPP{args.vpp})",
+                   warn=True)
 
 
 if __name__ == "__main__":

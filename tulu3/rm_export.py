@@ -116,18 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     args = parser.parse_args(argv)
-    from checkpoints_tools import ConversionError
+    from checkpoints_tools import run_cli
 
-    try:
-        notes = export_checkpoint(args.ckpt, args.out, args.pad_token_id, args.tokenizer_dir,
-                                  args.dtype, args.force)
-    except (ConversionError, RMExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(note)
-    print(f"wrote {args.out}")
-    return 0
+    return run_cli(export_checkpoint, args.ckpt, args.out, args.pad_token_id, args.tokenizer_dir,
+                   args.dtype, args.force, done=f"wrote {args.out}", catch=(RMExportError,))
 
 
 if __name__ == "__main__":

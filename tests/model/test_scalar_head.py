@@ -9,12 +9,18 @@ each step, every gradient after step one, every weight after step two).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from parity_harness import max_diff, merge
 
 from tulu3.testing import run_distributed_test
+
+if TYPE_CHECKING:
+    from tulu3.config import ModelConfig
+    from tulu3.model.presets import LlamaShape
+    from tulu3.parallel.layout import ParallelLayout
 
 VOCAB = 500
 PAD = VOCAB - 1  # never drawn as a real token
@@ -111,31 +117,12 @@ def _scores(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens, positions, None)
 
 
-def _single(root: str) -> dict:
-    """Oracle checks and checkpoint round trips in one process; the reference training run."""
+def _hf_classifier(shape: LlamaShape, path: Path) -> torch.nn.Module:
+    """transformers' sequence classifier (random score head and norms, pad id set), saved."""
     from transformers import LlamaForSequenceClassification
 
-    from checkpoints_tools.format import load_model, make_meta, save_model, write_meta
-    from tulu3.config import load_config
-    from tulu3.model import hf_mapping
-    from tulu3.model.build import build_model_chunks
-    from tulu3.model.scalar_head import (
-        build_scalar_chunks,
-        init_value_head,
-        load_scalar_weights,
-        sequence_scores,
-    )
-    from tulu3.parallel.init import init_model_parallel
-    from tulu3.parallel.layout import make_layout
-    from tulu3.testing import hf_llama_config, tiny_hf_llama
+    from tulu3.testing import hf_llama_config
 
-    out: dict = {}
-    cfg = load_config(None, [f"model.vocab={VOCAB}"])
-    layout = make_layout(cfg, 1)
-    init_model_parallel(layout, seed=1)
-    shape = _shape()
-    root_dir = Path(root)
-    # transformers' sequence classifier (random score head, pad id set) vs ours loaded from it.
     torch.manual_seed(11)
     hf_cls = LlamaForSequenceClassification(hf_llama_config(shape, num_labels=1,
                                                             pad_token_id=PAD)).float().eval()
@@ -143,13 +130,12 @@ def _single(root: str) -> dict:
         for name, param in hf_cls.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
-    hf_cls.save_pretrained(root_dir / "hf_cls")
-    (model,) = build_scalar_chunks(cfg.model, layout)
-    out["params"] = [n for n, _ in model.named_parameters()]
-    out["sharded_keys"] = sorted(model.sharded_state_dict())
-    out["head_tp_attr"] = getattr(model.value_head.weight, "tensor_model_parallel", False)
-    assert load_scalar_weights(root_dir / "hf_cls", [model], shape, layout) == "hf"
-    model.eval()
+    hf_cls.save_pretrained(path)
+    return hf_cls
+
+
+def _padded_tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of 14 tokens holding sequences of 14, 9 and 4 tokens then PAD; their sequence ids."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, PAD, (3, 14), generator=gen)
     lengths = [14, 9, 4]
@@ -157,55 +143,127 @@ def _single(root: str) -> dict:
     for row, n in enumerate(lengths):
         tokens[row, n:] = PAD
         seq_ids[row, :n] = row
+    return tokens, seq_ids
+
+
+def _head_in_place_of_output_layer(model: torch.nn.Module) -> dict:
+    """What replaces the LM output layer: parameter names, checkpoint keys, the head's TP mark."""
+    return {"params": [n for n, _ in model.named_parameters()],
+            "sharded_keys": sorted(model.sharded_state_dict()),
+            "head_tp_attr": getattr(model.value_head.weight, "tensor_model_parallel", False)}
+
+
+def _scores_against_transformers(model: torch.nn.Module, hf_cls: torch.nn.Module,
+                                 tokens: torch.Tensor, seq_ids: torch.Tensor) -> dict:
+    """Per-position and pooled (last token of each sequence) scores: ours vs transformers'."""
+    from tulu3.model.scalar_head import sequence_scores
+
     ours = _scores(model, tokens)
     with torch.no_grad():
         hidden = hf_cls.model(tokens).last_hidden_state
         per_position = hidden @ hf_cls.score.weight.T
         pooled = hf_cls(tokens).logits[:, 0]
-    out["position_diff"] = float((ours - per_position[..., 0]).abs().max())
-    out["pooled_diff"] = float((sequence_scores(ours, seq_ids) - pooled).abs().max())
-    out["scale"] = float(pooled.abs().max())
+    return {"position_diff": float((ours - per_position[..., 0]).abs().max()),
+            "pooled_diff": float((sequence_scores(ours, seq_ids) - pooled).abs().max()),
+            "scale": float(pooled.abs().max())}
 
-    # A reward-model checkpoint (head: scalar) loads back with the head: identical scores.
+
+def _rm_checkpoint_round_trip(model: torch.nn.Module, model_cfg: ModelConfig,
+                              layout: ParallelLayout, shape: LlamaShape, ckpt: Path,
+                              tokens: torch.Tensor) -> dict:
+    """A reward-model checkpoint (head: scalar) loads back with the head: identical scores."""
+    from checkpoints_tools.format import make_meta, save_model, write_meta
+    from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
+
     with torch.no_grad():
         model.value_head.weight.mul_(-3.0)
     before = _scores(model, tokens)
-    save_model([model], root_dir / "rm_ckpt")
-    write_meta(root_dir / "rm_ckpt", make_meta(shape, 1, 1, 1, "fp32", head="scalar"))
-    (fresh,) = build_scalar_chunks(cfg.model, layout)
-    load_scalar_weights(root_dir / "rm_ckpt", [fresh], shape, layout)
+    save_model([model], ckpt)
+    write_meta(ckpt, make_meta(shape, 1, 1, 1, "fp32", head="scalar"))
+    (fresh,) = build_scalar_chunks(model_cfg, layout)
+    load_scalar_weights(ckpt, [fresh], shape, layout)
     fresh.eval()
-    out["rm_ckpt_diff"] = float((_scores(fresh, tokens) - before).abs().max())
-    out["rm_ckpt_scale"] = float(before.abs().max())
+    return {"rm_ckpt_diff": float((_scores(fresh, tokens) - before).abs().max()),
+            "rm_ckpt_scale": float(before.abs().max())}
 
-    # A policy checkpoint (LM head, head: lm): backbone loaded, LM head ignored, head initialised.
+
+def _save_policy(model_cfg: ModelConfig, layout: ParallelLayout, shape: LlamaShape,
+                 ckpt: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A policy (LM head) from random HF weights, saved as a checkpoint with head: lm; returns
+    (the megatron policy, the HF model)."""
+    from checkpoints_tools.format import make_meta, save_model, write_meta
+    from tulu3.model import hf_mapping
+    from tulu3.model.build import build_model_chunks
+    from tulu3.testing import tiny_hf_llama
+
     hf_lm = tiny_hf_llama(shape, seed=4)
-    (policy,) = build_model_chunks(cfg.model, layout)
+    (policy,) = build_model_chunks(model_cfg, layout)
     hf_mapping.load_hf_into_chunk(policy, hf_lm.state_dict().__getitem__, shape, 0, 1)
-    save_model([policy], root_dir / "lm_ckpt")
-    write_meta(root_dir / "lm_ckpt", make_meta(shape, 1, 1, 1, "fp32"))
-    (value,) = build_scalar_chunks(cfg.model, layout)
+    save_model([policy], ckpt)
+    write_meta(ckpt, make_meta(shape, 1, 1, 1, "fp32"))
+    return policy, hf_lm
+
+
+def _scalar_model_from_policy(model_cfg: ModelConfig, layout: ParallelLayout,
+                              shape: LlamaShape, ckpt: Path, policy: torch.nn.Module) -> dict:
+    """A policy checkpoint into a ScalarHeadModel: backbone loaded, LM head ignored, head
+    initialised (not left as it was)."""
+    from tulu3.model.scalar_head import build_scalar_chunks, init_value_head, load_scalar_weights
+
+    (value,) = build_scalar_chunks(model_cfg, layout)
     with torch.no_grad():
         value.value_head.weight.fill_(7.0)  # must be re-initialised, not left as is
-    load_scalar_weights(root_dir / "lm_ckpt", [value], shape, layout)
+    load_scalar_weights(ckpt, [value], shape, layout)
     backbone = dict(policy.named_parameters())
-    out["backbone_diff"] = max(float((p - backbone[n]).abs().max())
-                               for n, p in value.named_parameters() if n != "value_head.weight")
+    backbone_diff = max(float((p - backbone[n]).abs().max())
+                        for n, p in value.named_parameters() if n != "value_head.weight")
     expected = value.value_head.weight.detach().clone()
     init_value_head(value)
-    out["head_is_init"] = bool(torch.equal(expected, value.value_head.weight))
-    out["head_std"] = float(expected.std())
-    # The same policy checkpoint in the LM model still loads (value_head never stored there)...
-    load_model([policy], root_dir / "lm_ckpt")
-    # ... and an RM checkpoint does not pretend to be a policy.
+    return {"backbone_diff": backbone_diff,
+            "head_is_init": bool(torch.equal(expected, value.value_head.weight)),
+            "head_std": float(expected.std())}
+
+
+def _lm_model_loads(policy: torch.nn.Module, lm_ckpt: Path, rm_ckpt: Path) -> dict:
+    """The policy checkpoint still loads into the LM model (value_head never stored there); an
+    RM checkpoint does not pretend to be a policy."""
+    from checkpoints_tools.format import load_model
+
+    load_model([policy], lm_ckpt)
     try:
-        load_model([policy], root_dir / "rm_ckpt")
-        out["lm_from_rm"] = "loaded"
+        load_model([policy], rm_ckpt)
+        return {"lm_from_rm": "loaded"}
     except ValueError as err:  # ConversionError
-        out["lm_from_rm"] = f"{type(err).__name__}: {err}"
-    hf_lm.save_pretrained(root_dir / "hf_lm")
+        return {"lm_from_rm": f"{type(err).__name__}: {err}"}
+
+
+def _single(root: str) -> dict:
+    """Oracle checks and checkpoint round trips in one process; the reference training run."""
     from megatron.core import parallel_state as ps
 
+    from tulu3.config import load_config
+    from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
+    from tulu3.parallel.init import init_model_parallel
+    from tulu3.parallel.layout import make_layout
+
+    cfg = load_config(None, [f"model.vocab={VOCAB}"])
+    layout = make_layout(cfg, 1)
+    init_model_parallel(layout, seed=1)
+    shape = _shape()
+    root_dir = Path(root)
+    hf_cls = _hf_classifier(shape, root_dir / "hf_cls")
+    (model,) = build_scalar_chunks(cfg.model, layout)
+    out = _head_in_place_of_output_layer(model)
+    assert load_scalar_weights(root_dir / "hf_cls", [model], shape, layout) == "hf"
+    model.eval()
+    tokens, seq_ids = _padded_tokens()
+    out.update(_scores_against_transformers(model, hf_cls, tokens, seq_ids))
+    out.update(_rm_checkpoint_round_trip(model, cfg.model, layout, shape, root_dir / "rm_ckpt",
+                                         tokens))
+    policy, hf_lm = _save_policy(cfg.model, layout, shape, root_dir / "lm_ckpt")
+    out.update(_scalar_model_from_policy(cfg.model, layout, shape, root_dir / "lm_ckpt", policy))
+    out.update(_lm_model_loads(policy, root_dir / "lm_ckpt", root_dir / "rm_ckpt"))
+    hf_lm.save_pretrained(root_dir / "hf_lm")
     ps.destroy_model_parallel()
     out["train"] = _train(1, str(root_dir / "hf_lm"), [])
     return out

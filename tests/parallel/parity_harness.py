@@ -1,19 +1,27 @@
 """Shared pieces of the parallel parity tests: run N training steps at a layout, collect
-losses, gradients and weights in megatron's global (TP1) layout for comparison."""
+losses, gradients and weights in megatron's global (TP1) layout for comparison.
+
+:func:`run_layout` does it for SFT; other stages build the same model and optimizer with
+:func:`setup_layout` and train their own stage and batches with :func:`train_steps`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from tulu3.config import load_config
+from tulu3.config import Config, load_config
 from tulu3.model import hf_mapping
 from tulu3.model.build import build_model_chunks
 from tulu3.model.presets import resolve_shape
 from tulu3.optim import build_optimizer
 from tulu3.parallel.ddp import unwrap, wrap_ddp
 from tulu3.parallel.init import init_model_parallel
-from tulu3.parallel.layout import make_layout
+from tulu3.parallel.layout import ParallelLayout, make_layout
+from tulu3.stages.base import Stage
 from tulu3.stages.logprobs import VocabShard
 from tulu3.stages.sft import SFTStage
 from tulu3.step import train_step
@@ -52,13 +60,25 @@ def collate(items: list[dict]) -> dict:
             "example_ids": torch.tensor([i["index"] for i in items])}
 
 
-def run_layout(world: int, overrides: list[str], steps: int = 2, micro_batch: int = 1,
-               global_batch: int = 8) -> dict:
-    """Train ``steps`` SFT steps at the layout in ``overrides``; global-layout results.
+@dataclass
+class Setup:
+    """This rank's model, optimizer and vocabulary shard at one layout, ready to train."""
 
-    Returns {"loss": [...], "grads": {name: tensor}, "weights": {name: tensor}} on DP rank 0 of
-    every (tp, pp) position; the caller merges ranks with :func:`merge`.
-    """
+    cfg: Config
+    layout: ParallelLayout
+    ddp: list
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    shard: VocabShard
+    tp_rank: int
+    dp_rank: int
+    dp: int
+
+
+def setup_layout(world: int, overrides: list[str], micro_batch: int = 1,
+                 global_batch: int = 8) -> Setup:
+    """The tiny Llama from the same random HF weights at the layout in ``overrides`` (lr 1e-3,
+    constant), wrapped in DDP with its AdamW; initialises model parallelism."""
     cfg = load_config(None, [f"model.vocab={VOCAB}", "optim.lr=1e-3", "optim.warmup=0",
                              "optim.schedule=constant", f"train.global_batch={global_batch}",
                              f"train.micro_batch={micro_batch}", *overrides])
@@ -74,21 +94,39 @@ def run_layout(world: int, overrides: list[str], steps: int = 2, micro_batch: in
     optimizer, scheduler = build_optimizer(cfg, ddp, total_steps=10)
     ddp[0].config.grad_scale_func = optimizer.scale_loss
     shard = VocabShard(ps.get_tensor_model_parallel_group(), tp_rank, VOCAB)
-    stage = SFTStage(shard, cfg.sft.loss_reduction, cfg.model.fused_logprobs)
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = examples(global_batch)[dp_rank::dp]
-    micro = [collate(mine[i:i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+    return Setup(cfg, layout, ddp, optimizer, scheduler, shard, tp_rank,
+                 ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+
+
+def train_steps(setup: Setup, stage: Stage, micro: list[dict], steps: int) -> dict:
+    """Train ``steps`` steps on this rank's micro-batches, then tear model parallelism down.
+
+    Returns {"loss": [...], "grads": {name: tensor}, "weights": {name: tensor}} in the global
+    layout on DP rank 0 of every (tp, pp) position (gradients after step one; none with the
+    distributed optimizer); the caller merges ranks with :func:`merge`.
+    """
     losses, grads = [], {}
     for step in range(steps):
-        metrics = train_step(ddp, optimizer, scheduler, micro, stage, layout)
+        metrics = train_step(setup.ddp, setup.optimizer, setup.scheduler, micro, stage,
+                             setup.layout)
         losses.append(metrics["loss"])
-        if step == 0 and not layout.distributed_optimizer:
-            grads = _collect(ddp, lambda p: p.main_grad)
-    weights = _collect(ddp, lambda p: p.detach())
+        if step == 0 and not setup.layout.distributed_optimizer:
+            grads = _collect(setup.ddp, lambda p: p.main_grad)
+    weights = _collect(setup.ddp, lambda p: p.detach())
     ps.destroy_model_parallel()
-    keep = dp_rank == 0
+    keep = setup.dp_rank == 0
     return {"loss": losses, "grads": grads if keep else {}, "weights": weights if keep else {},
-            "tp_rank": tp_rank}
+            "tp_rank": setup.tp_rank}
+
+
+def run_layout(world: int, overrides: list[str], steps: int = 2, micro_batch: int = 1,
+               global_batch: int = 8) -> dict:
+    """Train ``steps`` SFT steps at the layout in ``overrides``; :func:`train_steps`' results."""
+    setup = setup_layout(world, overrides, micro_batch, global_batch)
+    stage = SFTStage(setup.shard, setup.cfg.sft.loss_reduction, setup.cfg.model.fused_logprobs)
+    mine = examples(global_batch)[setup.dp_rank::setup.dp]
+    micro = [collate(mine[i:i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+    return train_steps(setup, stage, micro, steps)
 
 
 def _collect(ddp: list, get) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity_harness import VOCAB, _collect, max_diff, merge
+from parity_harness import VOCAB, max_diff, merge, setup_layout, train_steps
 from trainer_harness import tiny_data
 
 from tulu3.config import load_config
@@ -56,56 +56,24 @@ def step_layout(world: int, overrides: list[str], loss: str, fused: bool) -> dic
 
     from tulu3 import reference
     from tulu3.data.packing import collate_dpo
-    from tulu3.model import hf_mapping
-    from tulu3.model.build import build_model_chunks
-    from tulu3.model.presets import resolve_shape
-    from tulu3.optim import build_optimizer
-    from tulu3.parallel.ddp import wrap_ddp
-    from tulu3.parallel.init import init_model_parallel
-    from tulu3.parallel.layout import make_layout
     from tulu3.stages.dpo import DPOStage, ReferenceStage
-    from tulu3.stages.logprobs import VocabShard
-    from tulu3.step import train_step
-    from tulu3.testing import tiny_hf_llama
 
     # optim.eps 1e-6: a DPO gradient is a difference of chosen and rejected terms, so some
     # entries are ~4e-9 and carry fp32 noise of ~5e-10 (1e-7 of the largest entry); Adam's
     # first update g / (|g| + eps) would turn that into weight differences of 3% of the LR
     # with the default eps 1e-8. The gradients themselves are compared at 1e-5.
-    cfg = load_config(None, [f"model.vocab={VOCAB}", "optim.lr=1e-3", "optim.warmup=0",
-                             "optim.eps=1e-6", "optim.schedule=constant", "train.global_batch=8",
-                             "train.micro_batch=2", f"model.fused_logprobs={fused}", *overrides])
-    layout = make_layout(cfg, world)
-    init_model_parallel(layout, seed=1234)
-    shape = resolve_shape(cfg.model)
-    hf_state = tiny_hf_llama(shape, seed=0).state_dict()
-    chunks = build_model_chunks(cfg.model, layout)
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    for chunk in chunks:
-        hf_mapping.load_hf_into_chunk(chunk, hf_state.__getitem__, shape, tp_rank, layout.tp)
-    ddp = wrap_ddp(chunks, layout)
-    optimizer, scheduler = build_optimizer(cfg, ddp, total_steps=10)
-    ddp[0].config.grad_scale_func = optimizer.scale_loss
-    shard = VocabShard(ps.get_tensor_model_parallel_group(), tp_rank, VOCAB)
-    stage = DPOStage(shard, loss, beta=cfg.dpo.beta, fused=fused)
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = _pairs()[dp_rank::dp]
+    setup = setup_layout(world, ["optim.eps=1e-6", f"model.fused_logprobs={fused}", *overrides],
+                         micro_batch=2)
+    stage = DPOStage(setup.shard, loss, beta=setup.cfg.dpo.beta, fused=fused)
+    mine = _pairs()[setup.dp_rank::setup.dp]
     micro = [collate_dpo(mine[i:i + 2], 64, pack=i % 4 == 0) for i in range(0, len(mine), 2)]
     if stage.needs_reference:
-        values = reference.reference_pass(ddp, micro, ReferenceStage(shard, fused), layout)
+        values = reference.reference_pass(setup.ddp, micro, ReferenceStage(setup.shard, fused),
+                                          setup.layout)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             micro = [reference.attach(b, lambda ids: torch.tensor([values[i] for i in ids]))
                      for b in micro]
-    losses, grads = [], {}
-    for step in range(2):
-        losses.append(train_step(ddp, optimizer, scheduler, micro, stage, layout)["loss"])
-        if step == 0:
-            grads = _collect(ddp, lambda p: p.main_grad)
-    weights = _collect(ddp, lambda p: p.detach())
-    ps.destroy_model_parallel()
-    keep = dp_rank == 0
-    return {"loss": losses, "grads": grads if keep else {}, "weights": weights if keep else {},
-            "tp_rank": tp_rank}
+    return train_steps(setup, stage, micro, steps=2)
 
 
 # --- trainer level ---------------------------------------------------------------------------

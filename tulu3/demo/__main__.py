@@ -66,7 +66,7 @@ def _run(command: list[str], log: Path) -> float:
 
 
 def torchrun(nproc: int) -> list[str]:
-    from tulu3.testing import free_port
+    from tulu3.parallel.init import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(free_port())]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -11,6 +12,13 @@ import torch.distributed as dist
 from tulu3.config import Config
 from tulu3.parallel import cpu
 from tulu3.parallel.layout import ParallelLayout, check_backend_limits, make_layout
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on localhost."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_distributed(backend: str = "auto", timeout_min: int = 30) -> tuple[int, int]:
@@ -28,8 +36,6 @@ def init_distributed(backend: str = "auto", timeout_min: int = 30) -> tuple[int,
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            from tulu3.testing import free_port
-
             os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")),
                                 world_size=int(os.environ.get("WORLD_SIZE", "1")),
