@@ -27,7 +27,7 @@ from tulu3.config import Config, ConfigError, save_config
 from tulu3.metrics import MetricsLogger
 from tulu3.model.build import build_model_chunks
 from tulu3.model.presets import LlamaShape, flops_per_token, resolve_shape, with_shape
-from tulu3.optim import build_optimizer
+from tulu3.optim import build_optimizer, schedule_changes
 from tulu3.parallel.ddp import unwrap, wrap_ddp
 from tulu3.parallel.init import setup_parallel
 from tulu3.parallel.layout import ParallelLayout
@@ -190,6 +190,10 @@ class Trainer:
         counters.update(state.get("counters", {}))
         if self.rank == 0:
             print(f"[tulu3] resumed from {path} at step {state['step']}", flush=True)
+            changes = schedule_changes(state["scheduler"], self.scheduler)
+            if changes:
+                print(f"[tulu3] the LR schedule follows this run's recipe, not the checkpoint's: "
+                      f"{', '.join(changes)}", flush=True)
         return int(state["step"]), counters
 
     def _save(self, step: int, loop: Loop, chunks: list, shape: LlamaShape, counters: dict,
