@@ -39,7 +39,7 @@ def main() -> None:
     out = Path(args.out)
     if dist.get_rank() == 0:  # one writer; the others wait for the files
         shutil.rmtree(out / "run", ignore_errors=True)
-        make_tiny_data(out / "data", n_sft=2048)
+        make_tiny_data(out / "data", n_sft=2048, n_rm=8)
     dist.barrier()
     overrides = [f"data.tokenizer={out / 'data' / 'tokenizer.model'}",
                  f"data.train={out / 'data' / 'sft.jsonl'}", f"train.run_dir={out / 'run'}",

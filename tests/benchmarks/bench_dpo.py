@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from tulu3.testing import run_distributed_test
 
     root = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-    data = make_tiny_data(root / "data", n_dpo=args.pairs, n_sft=16, n_rlvr=8, n_eval=8)
+    data = make_tiny_data(root / "data", n_dpo=args.pairs, n_sft=16, n_rlvr=8, n_eval=8, n_rm=8)
     rows = []
     for mode in ("cached", "online"):
         overrides = [f"data.tokenizer={data['tokenizer']}", f"data.train={data['dpo']}",

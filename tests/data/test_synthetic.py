@@ -50,6 +50,34 @@ def test_dpo_rows_prefer_the_correct_answer(tok):
         assert tokenize_dpo(row, tok, 256) is not None
 
 
+def test_rm_rows_single_digit_sums(tok):
+    """rm_rows: dpo_rows' tasks with operands 0..9, a wrong sum in 0..18, never negative; the
+    held-out split's additions are exactly the operand pairs the training split never has."""
+    rows = synthetic.rm_rows(300)
+    held = synthetic.rm_rows(300, held_out=True)
+    assert rows == synthetic.rm_rows(300) and rows != synthetic.rm_rows(300, seed=1)
+    assert {r["source"] for r in rows} == {"synthetic_add", "synthetic_count",
+                                          "synthetic_reverse"}
+    train_pairs, held_pairs = ({tuple(map(int, m.groups())) for r in split
+                                if (m := ADD.fullmatch(r["prompt"]))}
+                               for split in (synthetic.rm_rows(1500), held))
+    assert held_pairs == synthetic.SMALL_HELD_OUT and len(train_pairs) == 90
+    assert not train_pairs & held_pairs
+    for row in rows + held:
+        chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        assert chosen != rejected and row["chosen"][:-1] == row["rejected"][:-1]
+        assert tokenize_dpo(row, tok, 256) is not None
+        if not (m := ADD.fullmatch(row["prompt"])):
+            _check_answer(row["prompt"], chosen)
+            continue
+        a, b = map(int, m.groups())
+        assert 0 <= a <= 9 and 0 <= b <= 9
+        assert chosen == f"{a} + {b} = {a + b}. The answer is {a + b}."
+        wrong = int(rejected.rsplit(" ", 1)[1].rstrip("."))
+        assert 0 <= wrong <= 18 and wrong != a + b
+        assert rejected == f"{a} + {b} = {wrong}. The answer is {wrong}."
+
+
 def test_rlvr_and_eval_rows(tok):
     train = synthetic.rlvr_rows(100)
     held = synthetic.eval_rows(50)

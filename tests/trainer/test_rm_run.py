@@ -1,7 +1,8 @@
 """``--stage rm`` end to end: train on synthetic preferences, export, score, reload.
 
-Launch 1 (one process): the tiny reward model trains on ``dpo_rows(512, 0)`` from random
-Llama weights with held-out evaluation on ``dpo_rows(64, 1)`` (metrics, plots, a checkpoint
+Launch 1 (one process): the tiny reward model trains with launch/recipes/tiny-rm-scratch.yaml
+on the synthetic preference set (``rm.jsonl``: count, reversal, single-digit sums) from a seeded
+random HF Llama, with held-out evaluation on ``rm_eval.jsonl`` (metrics, plots, a checkpoint
 marked ``head: scalar``), then ``tulu3.rm_export`` writes the checkpoint as an HF
 LlamaForSequenceClassification.
 Launch 2 (two processes): the checkpoint loads through ``load_scalar_weights`` at PP2 and at DP2,
@@ -18,10 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tulu3.config import load_config
+from tulu3.demo.data import RM_EVAL_PAIRS
 from tulu3.metrics import read_metrics
 from tulu3.testing import run_distributed_test
 
-N_TRAIN, N_EVAL, MAX_LEN = 512, 64, 64
+SCRATCH_RECIPE = str(Path(__file__).resolve().parents[2] / "launch/recipes/tiny-rm-scratch.yaml")
+RECIPE = load_config(SCRATCH_RECIPE)
+STEPS, PAIRS_PER_STEP, MAX_LEN = (RECIPE.train.max_steps, RECIPE.train.global_batch,
+                                  RECIPE.data.max_len)
 
 
 def _data(root: Path) -> dict[str, str]:
@@ -30,7 +36,7 @@ def _data(root: Path) -> dict[str, str]:
     from tulu3.model.presets import PRESETS
     from tulu3.testing import tiny_hf_llama
 
-    data = make_tiny_data(root / "data", n_sft=8, n_dpo=N_TRAIN, n_rlvr=8, n_eval=N_EVAL)
+    data = make_tiny_data(root / "data", n_sft=8, n_dpo=8, n_rlvr=8, n_eval=8)
     vocab = load_tokenizer(data["tokenizer"]).vocab_size
     tiny_hf_llama(dataclasses.replace(PRESETS["tiny"], vocab=vocab), seed=0) \
         .save_pretrained(root / "hf")
@@ -39,18 +45,15 @@ def _data(root: Path) -> dict[str, str]:
 
 
 def _train_and_export(data: dict, run_dir: str, hf_out: str) -> dict:
-    from tulu3.config import load_config
     from tulu3.rm_export import export_checkpoint
     from tulu3.run import run_stage
 
-    overrides = [f"data.tokenizer={data['tokenizer']}", f"data.train={data['dpo']}",
-                 f"data.eval={data['dpo_eval']}", f"data.max_len={MAX_LEN}",
-                 f"data.cache_dir={Path(run_dir).parent / 'cache'}", f"model.load={data['hf']}",
-                 "parallel.tp=1", "parallel.pp=1", "train.global_batch=32",
-                 "train.micro_batch=32", "train.max_steps=32", "train.eval_every=16",
-                 f"train.run_dir={run_dir}", "train.plots=true", "optim.lr=2e-3"]
-    record = run_stage(load_config("launch/recipes/tiny-rm.yaml", overrides), "rm")
-    ckpt = Path(run_dir) / "checkpoints" / "step_32"
+    paths = {"data.tokenizer": data["tokenizer"], "data.train": data["rm"],
+             "data.eval": data["rm_eval"], "data.cache_dir": Path(run_dir).parent / "cache",
+             "model.load": data["hf"], "train.run_dir": run_dir}
+    cfg = load_config(SCRATCH_RECIPE, [f"{k}={v}" for k, v in paths.items()])
+    record = run_stage(cfg, "rm")
+    ckpt = Path(run_dir) / "checkpoints" / f"step_{STEPS}"
     export_checkpoint(ckpt, hf_out, tokenizer_dir=data["tokenizer"])
     return record
 
@@ -64,7 +67,6 @@ def _conversations(path: str) -> tuple[list[list[dict]], list[str]]:
 def _score_at_layouts(ckpt: str, tokenizer: str, convs: list, hf_out: str) -> dict:
     from megatron.core import parallel_state as ps
 
-    from tulu3.config import load_config
     from tulu3.data.tokenizer import load_tokenizer
     from tulu3.eval_rm import load_reward_model, score_conversations
     from tulu3.parallel.init import init_model_parallel
@@ -115,8 +117,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = _data(root)
     run_dir, hf_out, hf_again = root / "run", root / "rm_hf", root / "rm_hf_pp2"
     record = run_distributed_test(_train_and_export, 1, data, str(run_dir), str(hf_out))[0]
-    convs, sources = _conversations(data["dpo_eval"])
-    ckpt = str(run_dir / "checkpoints" / "step_32")
+    convs, sources = _conversations(data["rm_eval"])
+    assert len(sources) == RM_EVAL_PAIRS
+    ckpt = str(run_dir / "checkpoints" / f"step_{STEPS}")
     scores = run_distributed_test(_score_at_layouts, 2, ckpt, data["tokenizer"], convs,
                                   str(hf_again))[0]
     return {"root": root, "data": data, "run_dir": run_dir, "hf": hf_out, "hf_again": hf_again,
@@ -125,16 +128,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_metrics_plots_and_checkpoint(run: dict) -> None:
     records = read_metrics(run["run_dir"] / "metrics.jsonl")
-    assert len(records) == 32
+    assert len(records) == STEPS
     for key in ("loss", "accuracy", "margin", "reward_mean", "reward_std", "chosen",
                 "rejected", "pairs", "grad_norm", "lr"):
         assert key in records[0], key
-    assert records[0]["pairs"] == 32
+    assert records[0]["pairs"] == PAIRS_PER_STEP
     assert "reward_sq" not in records[0]
     evals = [r for r in records if "eval/accuracy" in r]
-    assert [r["step"] for r in evals] == [16, 32]
+    assert [r["step"] for r in evals] == [STEPS // 4 * k for k in (1, 2, 3, 4)]
     assert (run["run_dir"] / "rm.png").exists() and (run["run_dir"] / "loss.png").exists()
-    meta = json.loads((run["run_dir"] / "checkpoints" / "step_32" / "tulu3.json").read_text())
+    meta = json.loads((run["run_dir"] / "checkpoints" / f"step_{STEPS}" / "tulu3.json")
+                      .read_text())
     assert meta["head"] == "scalar"
 
 
@@ -180,12 +184,16 @@ def _untrained_scores(run: dict) -> torch.Tensor:
 
 
 def test_held_out_accuracy(run: dict) -> None:
-    """Held-out pairs (dpo_rows(64, seed 1)) scored in transformers, before and after training.
+    """Held-out accuracy above 0.9, from chance before training (scored in transformers).
 
-    At this CPU budget (32 steps of 32 pairs, from random weights) the tiny model learns the
-    count task (a number missing from "1 2 3 ...") and generalises it; reversal and addition
-    stay near chance (measured: also after 600 steps of 64 fresh pairs), so the overall held-out
-    accuracy ends near 0.7, not above 0.9."""
+    The held-out split is ``rm_rows(256, 1, held_out=True)``: its additions use only operand
+    pairs that no training pair has (``synthetic.SMALL_HELD_OUT``), so the reward model must check
+    sums it never saw; its reversal lists are almost all new; the count prompts (8) recur with
+    other missing numbers. Measured at these settings (2,000 steps of 32 fresh pairs, lr 3e-3,
+    random weights): 0.98 overall (add 0.95, reverse 1.0, count 1.0); the trainer's held-out
+    accuracy 0.82 / 0.93 / 0.95 / 0.98 at steps 500 / 1,000 / 1,500 / 2,000. With 1,000-1,200
+    steps it ended at 0.85-0.88: reversal is learned late, and not at the same step every run.
+    """
     from transformers import LlamaForSequenceClassification
 
     hf = run.get("hf_scores")
@@ -195,27 +203,26 @@ def test_held_out_accuracy(run: dict) -> None:
     sources = run["sources"]
     before = _untrained_scores(run)
     records = read_metrics(run["run_dir"] / "metrics.jsonl")
-    final = records[-1]["eval/accuracy"]
+    curve = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
     summary = {"before": _accuracy(before, sources), "after": _accuracy(hf, sources),
-               "trainer_eval": [(r["step"], r["eval/accuracy"]) for r in records
-                                if "eval/accuracy" in r],
+               "trainer_eval": curve,
                **{kind: (_accuracy(before, sources, kind), _accuracy(hf, sources, kind))
                   for kind in sorted(set(sources))}}
     print(summary)
-    assert abs(summary["after"] - final) <= 1.0 / N_EVAL + 1e-9, summary
-    assert summary["synthetic_count"][1] >= 0.95, summary
-    assert summary["synthetic_count"][0] <= 0.7, summary  # learned, not there from the start
-    assert summary["after"] > summary["before"], summary
+    assert abs(summary["after"] - curve[-1]) <= 1.0 / RM_EVAL_PAIRS + 1e-9, summary
+    assert summary["after"] > 0.9 and curve[-1] > 0.9, summary
+    assert summary["before"] < 0.75 and curve[0] < curve[-1], summary
+    for kind in ("synthetic_add", "synthetic_count", "synthetic_reverse"):
+        assert summary[kind][1] >= 0.85, (kind, summary)
 
 
 def test_recipes() -> None:
     """tiny-rm loads; the 8B recipe carries open-instruct's Tülu 3 RM settings and a layout that
     fits one 8-GPU node (docs/tulu3.md: lr 3e-6, 1 epoch, max_token_length 2048)."""
-    from tulu3.config import load_config
     from tulu3.parallel.layout import make_layout
 
-    tiny = load_config("launch/recipes/tiny-rm.yaml")
-    make_layout(tiny, 4)
+    make_layout(load_config("launch/recipes/tiny-rm.yaml"), 4)
+    make_layout(RECIPE, 1)
     cfg = load_config("launch/recipes/llama3.1-8b-rm.yaml")
     assert (cfg.model.preset, cfg.model.dtype) == ("llama3.1-8b", "bf16")
     assert "Tulu-3-8B-SFT" in cfg.model.load

@@ -17,7 +17,7 @@ def tiny_data(root: Path) -> dict[str, str]:
     from tulu3.model.presets import PRESETS
     from tulu3.testing import tiny_hf_llama
 
-    data = make_tiny_data(root / "data", n_sft=96, n_dpo=48, n_rlvr=32, n_eval=16)
+    data = make_tiny_data(root / "data", n_sft=96, n_dpo=48, n_rlvr=32, n_eval=16, n_rm=8)
     vocab = load_tokenizer(data["tokenizer"]).vocab_size
     shape = dataclasses.replace(PRESETS["tiny"], vocab=vocab)
     tiny_hf_llama(shape, seed=0).save_pretrained(root / "hf")

@@ -37,12 +37,27 @@ def _addition(rng: random.Random, held_out: bool) -> tuple[int, int]:
             return a, b
 
 
+# Single-digit additions kept out of rm_rows' training split (10 of the 100 operand pairs).
+SMALL_HELD_OUT = frozenset(random.Random("rm-held-out").sample(
+    [(a, b) for a in range(10) for b in range(10)], 10))
+
+
+def _small_addition(rng: random.Random, held_out: bool) -> tuple[int, int]:
+    while True:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if ((a, b) in SMALL_HELD_OUT) == held_out:
+            return a, b
+
+
 def add_answer(a: int, b: int) -> str:
     return f"{a} + {b} = {a + b}. The answer is {a + b}."
 
 
-def _task(rng: random.Random) -> tuple[str, str, str]:
-    """(kind, prompt, correct answer) for one random task."""
+def _task(rng: random.Random, sums: str = "two_digit") -> tuple[str, str, str]:
+    """(kind, prompt, correct answer) for one random task.
+
+    ``sums``: "two_digit" (operands 10..99, never an eval pair), or single-digit operands from the
+    training ("small") or held-out ("small_held_out") pairs of :data:`SMALL_HELD_OUT`."""
     kind = rng.choice(("reverse", "count", "add"))
     if kind == "reverse":
         words = rng.sample(WORDS, rng.randint(2, 5))
@@ -50,16 +65,22 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     if kind == "count":
         n = rng.randint(2, 9)
         return kind, f"Count to {n}.", " ".join(str(i) for i in range(1, n + 1))
-    a, b = _addition(rng, held_out=False)
+    a, b = (_addition(rng, False) if sums == "two_digit"
+            else _small_addition(rng, sums == "small_held_out"))
     return kind, f"What is {a} + {b}?", add_answer(a, b)
 
 
-def _corrupt(rng: random.Random, kind: str, answer: str) -> str:
-    """A plausible wrong answer of the same shape."""
+def _corrupt(rng: random.Random, kind: str, answer: str, small_sums: bool) -> str:
+    """A plausible wrong answer of the same shape (``small_sums``: a wrong sum in 0..18)."""
     if kind == "add":
         total = int(answer.rsplit(" ", 1)[1].rstrip("."))
-        wrong = total + rng.choice([-1, 1]) * rng.randint(1, 9)
-        return answer.replace(str(total), str(wrong))
+        if small_sums:  # never negative: a minus sign would give the wrong answer away
+            wrong = rng.choice([v for v in range(19) if v != total])
+        else:
+            wrong = total + rng.choice([-1, 1]) * rng.randint(1, 9)
+        # Rebuilt, not str.replace(total, wrong): with a zero summand the other equals the sum.
+        question = answer.split(" = ", 1)[0]
+        return f"{question} = {wrong}. The answer is {wrong}."
     parts = answer.split()
     if kind == "reverse":
         return " ".join(reversed(parts))  # the words in the original order
@@ -83,16 +104,34 @@ def sft_rows(n: int, seed: int = 0) -> list[dict]:
 
 def dpo_rows(n: int, seed: int = 0) -> list[dict]:
     """``n`` preference pairs in Tülu 3's layout (id, source, prompt, chosen, rejected)."""
-    rng = random.Random(f"dpo-{seed}")
+    return _preference_rows(n, f"dpo-{seed}", f"synthetic-dpo-{seed}", "two_digit")
+
+
+def rm_rows(n: int, seed: int = 0, held_out: bool = False) -> list[dict]:
+    """``n`` preference pairs for reward-model tests: :func:`dpo_rows` with single-digit sums.
+
+    Same tasks, layout and corruptions, except that additions take operands 0..9 and the rejected
+    sum is any other value in 0..18. ``held_out``: the additions are the operand pairs of
+    :data:`SMALL_HELD_OUT`, which the training split (``held_out=False``) never contains.
+
+    Why not dpo_rows: a tiny reward model trained from random weights learns count and reversal
+    but not to check two-digit sums in CPU time (measured: 0.48 on held-out two-digit pairs after
+    2,000 steps, while reversal reached 0.99).
+    """
+    sums = "small_held_out" if held_out else "small"
+    return _preference_rows(n, f"rm-{seed}-{sums}", f"synthetic-rm-{seed}", sums)
+
+
+def _preference_rows(n: int, rng_seed: str, id_prefix: str, sums: str) -> list[dict]:
+    rng = random.Random(rng_seed)
     rows = []
     for i in range(n):
-        kind, prompt, answer = _task(rng)
+        kind, prompt, answer = _task(rng, sums)
         user = {"role": "user", "content": prompt}
-        rows.append({"id": f"synthetic-dpo-{seed}-{i}", "source": f"synthetic_{kind}",
-                     "prompt": prompt,
+        rejected = _corrupt(rng, kind, answer, small_sums=sums != "two_digit")
+        rows.append({"id": f"{id_prefix}-{i}", "source": f"synthetic_{kind}", "prompt": prompt,
                      "chosen": [user, {"role": "assistant", "content": answer}],
-                     "rejected": [user, {"role": "assistant",
-                                         "content": _corrupt(rng, kind, answer)}]})
+                     "rejected": [user, {"role": "assistant", "content": rejected}]})
     return rows
 
 

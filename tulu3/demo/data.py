@@ -2,9 +2,10 @@
 
 Writes DIR/tokenizer.model (a Llama-3-format tiktoken file learned from the synthetic corpus),
 sft.jsonl, sft_eval.jsonl, dpo.jsonl, dpo_eval.jsonl, rlvr.jsonl and eval.jsonl (held-out
-two-digit additions, RLVR format), and the demo's verifiable task: add_sft.jsonl, add_rlvr.jsonl,
-add_eval.jsonl (single-digit additions; see synthetic.small_addition_rows). The tiny recipes in
-launch/recipes/ read these paths.
+two-digit additions, RLVR format), the demo's verifiable task: add_sft.jsonl, add_rlvr.jsonl,
+add_eval.jsonl (single-digit additions; see synthetic.small_addition_rows), and the reward
+model's preference set: rm.jsonl, rm_eval.jsonl (synthetic.rm_rows; held-out sums). The tiny
+recipes in launch/recipes/ read these paths.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from tulu3.data.loading import write_jsonl
 from tulu3.data.synthetic import (
     dpo_rows,
+    rm_rows,
     sft_rows,
     small_addition_rows,
     tokenizer_corpus,
@@ -24,10 +26,12 @@ from tulu3.data.tokenizer import build_tiny_tiktoken
 
 DEFAULT_DIR = "runs/tiny/data"
 MERGES = 240
+RM_PAIRS, RM_EVAL_PAIRS = 64_000, 256  # tiny-rm-scratch.yaml: 2,000 steps of 32 fresh pairs
 
 
 def make_tiny_data(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, n_sft: int = 512,
-                   n_dpo: int = 256, n_rlvr: int = 256, n_eval: int = 64) -> dict[str, str]:
+                   n_dpo: int = 256, n_rlvr: int = 256, n_eval: int = 64,
+                   n_rm: int = RM_PAIRS) -> dict[str, str]:
     """Write the tokenizer and every split (idempotent for a given seed); returns name -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,6 +45,9 @@ def make_tiny_data(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, n_sft: int 
                                     out / "add_rlvr.jsonl")
     paths["add_eval"] = write_jsonl(small_addition_rows(40, seed + 3, False),
                                     out / "add_eval.jsonl")
+    paths["rm"] = write_jsonl(rm_rows(n_rm, seed), out / "rm.jsonl")
+    paths["rm_eval"] = write_jsonl(rm_rows(RM_EVAL_PAIRS, seed + 1, held_out=True),
+                                   out / "rm_eval.jsonl")
     tokenizer = out / "tokenizer.model"
     if not tokenizer.exists():
         build_tiny_tiktoken(str(tokenizer), tokenizer_corpus(seed=seed), MERGES)
