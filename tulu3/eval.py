@@ -9,11 +9,16 @@ model is built at ``--tp`` x ``--pp`` (the rest of the world is data parallel: e
 every dp-th prompt) with the ``torch`` spec and generated with the rollout engine
 (tulu3/rollout/). Rows are Tülu 3 RLVR rows (``messages``, ``ground_truth``, ``dataset``).
 Each prompt gets ``--samples`` K responses (greedy when K is 1 and no ``--temperature`` is
-given, else temperature 1), scored by :class:`tulu3.rewards.VerifierPool`.
+given, else temperature 1), scored by :class:`tulu3.rewards.VerifierPool`, and with
+``--reward-model RM`` also by a reward model (a tulu3 RM checkpoint, a run directory or an HF
+LlamaForSequenceClassification; tulu3/eval_rm.py), built at the same TP x PP after the policy is
+freed: each row gets ``rm_score``, the conversation (prompt turns + response) rendered with the
+chat template as in RM training.
 
 The JSON report: ``summary`` (per dataset and "all": n, correct, accuracy over all samples,
 timeouts, errors, mean_reward), ``pass_at_k`` (per dataset, unbiased pass@k for k = 1, 2, 4, ...
-up to K), ``samples`` (the first ``--show`` generations), ``settings``. Printed as a table too.
+up to K), ``samples`` (the first ``--show`` generations), ``settings``, and with a reward model
+``reward_model`` (path; mean and std of ``rm_score`` per dataset and "all"). Printed as a table too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(open-instruct's Tülu 3 runs)")
     parser.add_argument("--workers", type=int, default=2, help="verifier processes")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="verifier time limit")
+    parser.add_argument("--reward-model", help="also score every response with this reward "
+                        "model (tulu3 RM checkpoint, run dir or HF LlamaForSequenceClassification)")
     parser.add_argument("--show", type=int, default=8, help="generations kept in the report")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
@@ -103,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     from tulu3.data.tokenizer import load_tokenizer
     from tulu3.rollout import SamplingParams, generate
 
-    chunks, shape, _ = build_policy(args.ckpt, args.tp, args.pp, args.seed)
+    chunks, shape, layout = build_policy(args.ckpt, args.tp, args.pp, args.seed)
     tok = load_tokenizer(args.tokenizer or default_tokenizer(args.ckpt))
     dataset = build_dataset("rlvr", args.data, tok, args.max_prompt_len, not args.no_bos)
     count = min(len(dataset), args.limit or len(dataset))
@@ -128,17 +136,37 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
                 for i in range(len(results))]
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (rows, gen_s, sum(len(r.tokens) for r in results)))
-    if dist.get_rank() != 0:
-        return None
     rows = sorted((r for part, _, _ in gathered for r in part),
                   key=lambda r: (r["index"], r["sample"]))
+    if args.reward_model:
+        del chunks, results  # the policy's memory goes back before the reward model is built
+        _add_reward_model_scores(args, rows, tok, layout)
+    for row in rows:
+        del row["messages"]
+    if dist.get_rank() != 0:
+        return None
     tokens = sum(t for _, _, t in gathered) / (args.tp * args.pp)
     return _report(args, rows, tokens / max(g for _, g, _ in gathered))
+
+
+def _add_reward_model_scores(args: argparse.Namespace, rows: list[dict], tok: Any,
+                             layout: Any) -> None:
+    """``row["rm_score"]`` for every row (collective: every rank holds all rows)."""
+    from tulu3.eval_rm import score_with_reward_model
+
+    conversations = [[*row["messages"], {"role": "assistant", "content": row["response"]}]
+                     for row in rows]
+    scores = score_with_reward_model(args.reward_model, tok, conversations, layout,
+                                     max_len=args.max_prompt_len + args.max_new_tokens + 16,
+                                     add_bos=not args.no_bos)
+    for row, score in zip(rows, scores, strict=True):
+        row["rm_score"] = score
 
 
 def _row(prompt: Any, sample: int, text: str, result: Any, verdict: VerifyResult) -> dict:
     return {"index": prompt.index, "sample": sample, "dataset": prompt.dataset,
             "prompt": prompt.messages[-1]["content"] if prompt.messages else "",
+            "messages": prompt.messages,
             "ground_truth": prompt.ground_truth, "response": text,
             "has_eos": result.has_eos, "correct": verdict.correct,
             "extracted": verdict.extracted, "reason": verdict.reason,
@@ -152,10 +180,24 @@ def _report(args: argparse.Namespace, rows: list[dict], tokens_per_s: float) -> 
     ks = [2 ** i for i in range(args.samples.bit_length()) if 2 ** i <= args.samples]
     if args.samples not in ks:
         ks.append(args.samples)
-    return {"summary": summarize(rows), "pass_at_k": pass_at_k_by_dataset(by_prompt.values(), ks),
-            "no_eos": sum(not r["has_eos"] for r in rows) / max(len(rows), 1),
-            "gen_tokens_per_s": tokens_per_s, "samples": rows[:args.show],
-            "settings": {k: v for k, v in vars(args).items()}}
+    report = {"summary": summarize(rows),
+              "pass_at_k": pass_at_k_by_dataset(by_prompt.values(), ks),
+              "no_eos": sum(not r["has_eos"] for r in rows) / max(len(rows), 1),
+              "gen_tokens_per_s": tokens_per_s, "samples": rows[:args.show],
+              "settings": {k: v for k, v in vars(args).items()}}
+    if args.reward_model:
+        report["reward_model"] = {"path": args.reward_model, **_score_stats(rows)}
+    return report
+
+
+def _score_stats(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and std of ``rm_score`` per dataset (lower-cased) and "all"."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        for key in (str(row["dataset"]).lower(), "all"):
+            groups.setdefault(key, []).append(row["rm_score"])
+    return {key: {"n": len(v), "mean": statistics.fmean(v), "std": statistics.pstdev(v)}
+            for key, v in groups.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(report["summary"]))
         for dataset, values in sorted(report["pass_at_k"].items()):
             print(f"{dataset:<12} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        for dataset, stats in sorted(report.get("reward_model", {}).items()):
+            if dataset != "path":
+                print(f"{dataset:<12} reward model score {stats['mean']:.4f} "
+                      f"(std {stats['std']:.4f})")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))

@@ -216,6 +216,37 @@ def test_held_out_accuracy(run: dict) -> None:
         assert summary[kind][1] >= 0.85, (kind, summary)
 
 
+def _eval_with_reward_model(policy: str, data: str, tokenizer: str, rm: str) -> dict | None:
+    from tulu3 import eval as tulu3_eval
+
+    return tulu3_eval.evaluate(tulu3_eval.parse_args([
+        "--ckpt", policy, "--data", data, "--tokenizer", tokenizer, "--pp", "2",
+        "--max-new-tokens", "6", "--reward-model", rm, "--show", "100", "--workers", "1"]))
+
+
+def test_eval_scores_with_the_reward_model(run: dict) -> None:
+    """``tulu3.eval --reward-model``: every generated response gets the reward model's score,
+    equal to transformers' LlamaForSequenceClassification on the same conversation (1e-5).
+    The policy is the seeded random tiny Llama; the RM is the trained checkpoint (PP2)."""
+    from transformers import LlamaForSequenceClassification
+
+    data = run["data"]
+    ckpt = str(run["run_dir"] / "checkpoints" / f"step_{STEPS}")
+    report = run_distributed_test(_eval_with_reward_model, 2, data["hf"], data["rlvr"],
+                                  data["tokenizer"], ckpt)[0]
+    rows = report["samples"]
+    assert len(rows) == 8 and all("messages" not in row for row in rows)
+    convs = [[{"role": "user", "content": row["prompt"]},
+              {"role": "assistant", "content": row["response"]}] for row in rows]
+    model = LlamaForSequenceClassification.from_pretrained(run["hf"]).float().eval()
+    hf = _hf_scores(model, data["tokenizer"], convs)
+    ours = torch.tensor([row["rm_score"] for row in rows], dtype=torch.float64)
+    assert float((ours - hf).abs().max()) < 1e-5, (ours, hf)
+    stats = report["reward_model"]
+    assert stats["path"] == ckpt and stats["all"]["n"] == 8
+    assert abs(stats["all"]["mean"] - float(ours.mean())) < 1e-6
+
+
 def test_recipes() -> None:
     """tiny-rm loads; the 8B recipe carries open-instruct's Tülu 3 RM settings and a layout that
     fits one 8-GPU node (docs/tulu3.md: lr 3e-6, 1 epoch, max_token_length 2048)."""
