@@ -6,14 +6,17 @@ from pathlib import Path
 
 from tulu3.metrics import read_metrics
 
-# Figure name -> metric keys drawn on it (the ones present are drawn).
+# Figure name -> metric keys drawn on it (the ones present are drawn). Accuracies (0..1) and
+# margins (unbounded) get separate figures: on one axis the accuracy curve would be a flat line.
 FIGURES = {
     "loss": ("loss", "eval/loss"),
     "lr": ("lr",),
     "grad_norm": ("grad_norm",),
-    "dpo_rewards": ("rewards/accuracy", "rewards/margin", "eval/rewards/accuracy"),
+    "dpo_rewards": ("rewards/accuracy", "eval/rewards/accuracy"),
+    "dpo_margin": ("rewards/margin", "eval/rewards/margin"),
     "dpo_logps": ("rewards/chosen", "rewards/rejected"),
-    "rm": ("accuracy", "eval/accuracy", "margin"),
+    "rm": ("accuracy", "eval/accuracy"),
+    "rm_margin": ("margin", "eval/margin"),
     "rlvr_reward": ("reward", "verified", "no_eos"),
     "rlvr_kl": ("kl", "entropy"),
 }

@@ -26,7 +26,7 @@ from tulu3.data.tokenizer import build_tiny_tiktoken
 
 DEFAULT_DIR = "runs/tiny/data"
 MERGES = 240
-RM_PAIRS, RM_EVAL_PAIRS = 64_000, 256  # tiny-rm-scratch.yaml: 2,000 steps of 32 fresh pairs
+RM_PAIRS, RM_EVAL_PAIRS = 64_000, 256  # tiny-rm-scratch.yaml: 1,000 steps of 64 fresh pairs
 
 
 def make_tiny_data(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, n_sft: int = 512,
