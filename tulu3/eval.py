@@ -70,11 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_policy(ckpt: str, tp: int, pp: int, seed: int) -> tuple[list, Any, Any]:
-    """(chunks, shape, layout) of the checkpoint at TP x PP on the current world."""
-    from checkpoints_tools.load import checkpoint_shape, load_into_chunks
+def init_layout(ckpt: str, tp: int, pp: int, seed: int) -> tuple[Any, Any, Any]:
+    """(config, shape, layout) for the checkpoint at TP x PP on the current world (the rest data
+    parallel), with torch.distributed and megatron's parallel state initialised."""
+    from checkpoints_tools.load import checkpoint_shape
     from tulu3.config import Config
-    from tulu3.model.build import build_model_chunks
     from tulu3.model.presets import with_shape
     from tulu3.parallel.init import init_distributed, init_model_parallel
     from tulu3.parallel.layout import make_layout
@@ -87,14 +87,27 @@ def build_policy(ckpt: str, tp: int, pp: int, seed: int) -> tuple[list, Any, Any
     cfg.train.global_batch, cfg.train.micro_batch = max(1, world // (tp * pp)), 1
     layout = make_layout(cfg, world)
     init_model_parallel(layout, seed)
+    return cfg, shape, layout
+
+
+def build_policy(ckpt: str, tp: int, pp: int, seed: int) -> tuple[list, Any, Any]:
+    """(chunks, shape, layout) of the checkpoint at TP x PP on the current world."""
+    from checkpoints_tools.load import load_into_chunks
+    from tulu3.model.build import build_model_chunks
+
+    cfg, shape, layout = init_layout(ckpt, tp, pp, seed)
     chunks = build_model_chunks(cfg.model, layout)
     load_into_chunks(ckpt, chunks, shape, layout)
     return chunks, shape, layout
 
 
 def default_tokenizer(ckpt: str) -> str:
+    """The tokenizer recorded in a tulu3 checkpoint (or a run directory's latest), else ``ckpt``
+    itself (an HF directory)."""
     from checkpoints_tools.format import is_tulu3_checkpoint, read_meta
+    from checkpoints_tools.load import resolve_checkpoint_dir
 
+    ckpt = str(resolve_checkpoint_dir(ckpt))
     if is_tulu3_checkpoint(ckpt):
         path = read_meta(ckpt).tokenizer
         if not path:

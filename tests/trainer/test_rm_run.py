@@ -249,6 +249,56 @@ def test_eval_scores_with_the_reward_model(run: dict) -> None:
     assert abs(stats["all"]["mean"] - float(ours.mean())) < 1e-6
 
 
+def _preference_report(rm: str, data: str, tokenizer: str) -> dict | None:
+    from tulu3 import eval_preferences
+
+    return eval_preferences.evaluate(eval_preferences.parse_args([
+        "--rm", rm, "--data", data, "--tokenizer", tokenizer, "--max-len", str(MAX_LEN),
+        "--scores"]))
+
+
+def test_eval_preferences_per_source(run: dict) -> None:
+    """``tulu3.eval_preferences`` at DP2 on the held-out pairs: per-source accuracy and margin
+    equal to the same pairs scored by transformers from the export (scores to 1e-5)."""
+    from transformers import LlamaForSequenceClassification
+
+    data = run["data"]
+    report = run_distributed_test(_preference_report, 2, str(run["run_dir"]), data["rm_eval"],
+                                  data["tokenizer"])[0]
+    model = LlamaForSequenceClassification.from_pretrained(run["hf"]).float().eval()
+    hf = _hf_scores(model, data["tokenizer"], run["convs"]).double()
+    ours = torch.tensor([[p["chosen"], p["rejected"]] for p in report["scores"]],
+                        dtype=torch.float64).flatten()
+    assert float((ours - hf).abs().max()) < 1e-5
+    sources = run["sources"]
+    for kind in (*sorted(set(sources)), None):
+        got = report["accuracy"]["all" if kind is None else kind]
+        picked = [i for i, s in enumerate(sources) if kind is None or s == kind]
+        gaps = (hf[0::2] - hf[1::2])[picked]
+        assert got["n"] == len(picked)
+        assert got["accuracy"] == _accuracy(hf, sources, kind)
+        assert abs(got["margin"] - float(gaps.mean())) < 1e-4
+
+
+def test_eval_preferences_bad_rows(tmp_path: Path) -> None:
+    """Malformed preference rows are refused with file:line before any model is built."""
+    from tulu3.data.examples import RowError
+    from tulu3.eval_preferences import main, read_pairs
+
+    good = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "b"}]}
+    cases = {"no_rejected": {"chosen": good["chosen"]},
+             "ends_with_user": {**good, "rejected": good["rejected"][:1]}}
+    for name, bad in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(RowError, match=f"{name}.jsonl:2"):
+            read_pairs(str(path))
+        # The rows are read first: the error comes back before the (missing) model is looked at.
+        assert main(["--rm", str(tmp_path / "missing"), "--data", str(path)]) == 2
+
+
 def test_recipes() -> None:
     """tiny-rm loads; the 8B recipe carries open-instruct's Tülu 3 RM settings and a layout that
     fits one 8-GPU node (docs/tulu3.md: lr 3e-6, 1 epoch, max_token_length 2048)."""
