@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,27 +214,39 @@ def _score_stats(rows: list[dict]) -> dict[str, dict[str, float]]:
             for key, v in groups.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    owns_group = not dist.is_initialized()
-    report = evaluate(args)
+def format_report(report: dict[str, Any]) -> str:
+    """The summary table, pass@k per dataset and, with a reward model, its mean scores."""
+    lines = [format_summary(report["summary"])]
+    for dataset, values in sorted(report["pass_at_k"].items()):
+        lines.append(f"{dataset:<12} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    for dataset, stats in sorted(report.get("reward_model", {}).items()):
+        if dataset != "path":
+            lines.append(f"{dataset:<12} reward model score {stats['mean']:.4f} "
+                         f"(std {stats['std']:.4f})")
+    return "\n".join(lines)
+
+
+def finish(report: dict[str, Any] | None, out: str | None, owns_group: bool,
+           show: Callable[[dict[str, Any]], str]) -> int:
+    """Print ``show(report)`` and write it to ``out`` (rank 0: the others have None), then close
+    the process group if this command opened it. Shared by the eval commands."""
     if report is not None:
-        print(format_summary(report["summary"]))
-        for dataset, values in sorted(report["pass_at_k"].items()):
-            print(f"{dataset:<12} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-        for dataset, stats in sorted(report.get("reward_model", {}).items()):
-            if dataset != "path":
-                print(f"{dataset:<12} reward model score {stats['mean']:.4f} "
-                      f"(std {stats['std']:.4f})")
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))
-            print(f"report: {args.out}")
+        print(show(report))
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(report, indent=1))
+            print(f"report: {out}")
     if owns_group:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    owns_group = not dist.is_initialized()
+    return finish(evaluate(args), args.out, owns_group, format_report)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ r_rejected), ``settings``; with ``--scores`` also each pair's two scores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -118,16 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except RowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if report is not None:
-        print(format_accuracy(report["accuracy"]))
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))
-            print(f"report: {args.out}")
-    if owns_group:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    from tulu3.eval import finish
+
+    return finish(report, args.out, owns_group, lambda r: format_accuracy(r["accuracy"]))
 
 
 if __name__ == "__main__":
