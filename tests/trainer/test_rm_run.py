@@ -105,6 +105,23 @@ def _hf_scores(model: torch.nn.Module, tokenizer: str, convs: list) -> torch.Ten
         return model(batch, attention_mask=(batch != pad).long()).logits[:, 0]
 
 
+def _exported_model(run: dict) -> torch.nn.Module:
+    """The exported reward model in transformers (loaded once per module)."""
+    if "hf_model" not in run:
+        from transformers import LlamaForSequenceClassification
+
+        run["hf_model"] = LlamaForSequenceClassification.from_pretrained(run["hf"]).float().eval()
+    return run["hf_model"]
+
+
+def _exported_scores(run: dict) -> torch.Tensor:
+    """transformers' scores of the held-out conversations (computed once per module)."""
+    if "hf_scores" not in run:
+        run["hf_scores"] = _hf_scores(_exported_model(run), run["data"]["tokenizer"],
+                                      run["convs"])
+    return run["hf_scores"]
+
+
 def _accuracy(scores: torch.Tensor, sources: list[str], kind: str | None = None) -> float:
     wins = (scores[0::2] > scores[1::2]).tolist()
     picked = [w for w, s in zip(wins, sources, strict=True) if kind is None or s == kind]
@@ -144,8 +161,6 @@ def test_metrics_plots_and_checkpoint(run: dict) -> None:
 
 
 def test_export_equals_transformers(run: dict) -> None:
-    from transformers import LlamaForSequenceClassification
-
     config = json.loads((run["hf"] / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     assert config["num_labels"] == 1
@@ -153,9 +168,8 @@ def test_export_equals_transformers(run: dict) -> None:
 
     tok = load_tokenizer(run["data"]["tokenizer"])
     assert config["pad_token_id"] == tok.pad_id != tok.eos_id
-    model = LlamaForSequenceClassification.from_pretrained(run["hf"]).float().eval()
-    assert model.config.num_labels == 1
-    hf = _hf_scores(model, run["data"]["tokenizer"], run["convs"])
+    assert _exported_model(run).config.num_labels == 1
+    hf = _exported_scores(run)
     assert float(hf.abs().max()) > 0.1  # scores that carry information
     for layout, scores in run["scores"].items():
         diff = float((torch.tensor(scores) - hf).abs().max())
@@ -167,7 +181,6 @@ def test_export_equals_transformers(run: dict) -> None:
     assert a.names() == b.names() and "score.weight" in a.names()
     assert "lm_head.weight" not in a.names()
     assert all(torch.equal(a.read(k), b.read(k)) for k in a.names())
-    run["hf_scores"] = hf
 
 
 def _untrained_scores(run: dict) -> torch.Tensor:
@@ -196,12 +209,7 @@ def test_held_out_accuracy(run: dict) -> None:
     Fewer pairs do not reach 0.9: 1,000 steps of 32 pairs ended at 0.85-0.88 (reversal is learned
     late, and not at the same step every run).
     """
-    from transformers import LlamaForSequenceClassification
-
-    hf = run.get("hf_scores")
-    if hf is None:
-        model = LlamaForSequenceClassification.from_pretrained(run["hf"]).float().eval()
-        hf = _hf_scores(model, run["data"]["tokenizer"], run["convs"])
+    hf = _exported_scores(run)
     sources = run["sources"]
     before = _untrained_scores(run)
     records = read_metrics(run["run_dir"] / "metrics.jsonl")
@@ -230,8 +238,6 @@ def test_eval_scores_with_the_reward_model(run: dict) -> None:
     """``tulu3.eval --reward-model``: every generated response gets the reward model's score,
     equal to transformers' LlamaForSequenceClassification on the same conversation (1e-5).
     The policy is the seeded random tiny Llama; the RM is the trained checkpoint (PP2)."""
-    from transformers import LlamaForSequenceClassification
-
     data = run["data"]
     ckpt = str(run["run_dir"] / "checkpoints" / f"step_{STEPS}")
     report = run_distributed_test(_eval_with_reward_model, 2, data["hf"], data["rlvr"],
@@ -240,8 +246,7 @@ def test_eval_scores_with_the_reward_model(run: dict) -> None:
     assert len(rows) == 8 and all("messages" not in row for row in rows)
     convs = [[{"role": "user", "content": row["prompt"]},
               {"role": "assistant", "content": row["response"]}] for row in rows]
-    model = LlamaForSequenceClassification.from_pretrained(run["hf"]).float().eval()
-    hf = _hf_scores(model, data["tokenizer"], convs)
+    hf = _hf_scores(_exported_model(run), data["tokenizer"], convs)
     ours = torch.tensor([row["rm_score"] for row in rows], dtype=torch.float64)
     assert float((ours - hf).abs().max()) < 1e-5, (ours, hf)
     stats = report["reward_model"]
@@ -260,13 +265,10 @@ def _preference_report(rm: str, data: str, tokenizer: str) -> dict | None:
 def test_eval_preferences_per_source(run: dict) -> None:
     """``tulu3.eval_preferences`` at DP2 on the held-out pairs: per-source accuracy and margin
     equal to the same pairs scored by transformers from the export (scores to 1e-5)."""
-    from transformers import LlamaForSequenceClassification
-
     data = run["data"]
     report = run_distributed_test(_preference_report, 2, str(run["run_dir"]), data["rm_eval"],
                                   data["tokenizer"])[0]
-    model = LlamaForSequenceClassification.from_pretrained(run["hf"]).float().eval()
-    hf = _hf_scores(model, data["tokenizer"], run["convs"]).double()
+    hf = _exported_scores(run).double()
     ours = torch.tensor([[p["chosen"], p["rejected"]] for p in report["scores"]],
                         dtype=torch.float64).flatten()
     assert float((ours - hf).abs().max()) < 1e-5
