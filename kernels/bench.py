@@ -23,8 +23,6 @@ it includes the gradients of hidden and weight.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import statistics
 import subprocess
@@ -34,6 +32,7 @@ import time
 import torch
 
 from kernels.logprobs import IMPLS, linear_logprobs
+from kernels.memory import peak_bytes, pin_malloc_mmap_threshold, start_peak_window
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIB = 1 << 20
@@ -56,33 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if impl not in IMPLS:
             parser.error(f"unknown impl {impl!r}; choose from {IMPLS}")
     return args
-
-
-def _pin_malloc_mmap_threshold() -> None:
-    """Make glibc serve every block >= 128 KiB with mmap and unmap it on free.
-
-    By default glibc raises its mmap threshold after large frees and then keeps freed tiles in
-    its heap, so the resident set would count memory the program already released.
-    """
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_mmap_threshold = -3
-    if not libc.mallopt(m_mmap_threshold, 128 * 1024):
-        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
-
-
-def _cpu_rss_and_reset_peak() -> int:
-    """Current resident set in bytes; resets the kernel's peak-RSS counter (VmHWM) to it."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status_kib("VmRSS") * 1024
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _sync(device: torch.device) -> None:
@@ -109,12 +81,9 @@ def measure(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype, impl:
     hidden.requires_grad_()
     weight.requires_grad_()
     _sync(device)
-    if device.type == "cuda":
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _pin_malloc_mmap_threshold()
-        base = _cpu_rss_and_reset_peak()
+    if device.type != "cuda":
+        pin_malloc_mmap_threshold()
+    base = start_peak_window(device)
     times = []
     for i in range(repeat + 1):
         start = time.perf_counter()
@@ -122,10 +91,7 @@ def measure(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype, impl:
         _sync(device)
         if i:  # the first pass is the warm-up (Triton compiles, allocators grow)
             times.append((time.perf_counter() - start) * 1e3)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = _proc_status_kib("VmHWM") * 1024 - base
+    peak = peak_bytes(device) - base
     return {"impl": impl, "peak_mib": peak / MIB, "median_ms": statistics.median(times),
             "times_ms": times}
 

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels.memory import peak_bytes, start_peak_window
+
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512, seq=64, micro_batch=2,
             dtype="fp32")
 GIB = 1 << 30
@@ -133,23 +135,15 @@ def reset_peak() -> float:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / GIB
-    from kernels.bench import _cpu_rss_and_reset_peak
-
     try:
-        return _cpu_rss_and_reset_peak() / GIB
+        return start_peak_window() / GIB
     except OSError:
         return float("nan")
 
 
 def peak_gib() -> float:
     """GPU: max_memory_allocated; CPU: the process's peak resident set (VmHWM)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / GIB
-    from kernels.bench import _proc_status_kib
-
-    return _proc_status_kib("VmHWM") / (1 << 20)
+    return peak_bytes() / GIB
 
 
 def time_steps(step: Callable[[int], float], steps: int, warmup: int) -> dict[str, Any]:

@@ -22,8 +22,6 @@ Prints a markdown table. Needs no GPU; uses CUDA when present.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import statistics
 import tempfile
 import time
@@ -31,37 +29,9 @@ from pathlib import Path
 
 import torch
 
+from kernels.memory import peak_bytes, pin_malloc_mmap_threshold, start_peak_window
+
 MIB = 2**20
-
-
-def _pin_malloc_mmap_threshold() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: large frees go back to the kernel
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def _peak() -> int:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _status_kib("VmHWM") * 1024
 
 
 def run_mode(overrides: list[str]) -> dict:
@@ -72,19 +42,19 @@ def run_mode(overrides: list[str]) -> dict:
     from tulu3.run import LOOPS
     from tulu3.trainer import Trainer
 
-    _pin_malloc_mmap_threshold()
+    pin_malloc_mmap_threshold()
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg, "dpo")
     tokenizer = trainer.load_tokenizer()
     shape = trainer.resolve_shape(tokenizer.vocab_size)
     chunks = trainer.build_model(shape)
-    base = _reset_peak()
+    base = start_peak_window()
     started = time.perf_counter()
     loop = LOOPS["dpo"](trainer, tokenizer, chunks, shape.vocab)
     prepass = time.perf_counter() - started
     trainer.build_optimizer(chunks, loop.total_steps())
     trainer.fit(loop, chunks, shape, cfg.data.tokenizer)
-    peak = _peak() - base
+    peak = peak_bytes() - base
     weights = sum(p.numel() * p.element_size() for c in chunks for p in unwrap(c).parameters())
     reference = loop.reference_chunks or []
     records = read_metrics(Path(cfg.train.run_dir) / "metrics.jsonl")
