@@ -1,44 +1,15 @@
-"""Checkpoint tools: HF safetensors <-> tulu3 (megatron torch_dist) checkpoints, any TP/PP/VPP.
+"""Checkpoint tools: the command lines over :mod:`tulu3.checkpoint` (the library that reads,
+writes, converts and reshards checkpoints; this package is never imported by ``tulu3``).
 
-One concern per file:
-- ``hf_io``: lazy safetensors reader and planned, streaming sharded safetensors writer.
-- ``hf_config``: HF ``config.json`` <-> :class:`tulu3.model.presets.LlamaShape`, tokenizer files.
-- ``dcp_io``: streaming reader/writer of megatron's torch_dist (PyTorch DCP) files, no processes.
-- ``format``: the tulu3 checkpoint directory (``tulu3.json`` + ``model/``), shared with the trainer.
-- ``hf_to_megatron`` / ``megatron_to_hf`` / ``reshard``: the command-line converters (their
-  ``main`` calls :func:`run_cli`, here, for the shared error / exit-code handling).
-- ``load`` / ``export``: in-process loading (``model.load=``) and HF export from a training run.
+- ``hf_to_megatron``: HF safetensors -> tulu3 (megatron torch_dist) checkpoint at any TP/PP/VPP
+  (:mod:`tulu3.checkpoint.from_hf`).
+- ``megatron_to_hf``: tulu3 checkpoint -> HF safetensors (:mod:`tulu3.checkpoint.to_hf`).
+- ``reshard``: a tulu3 checkpoint to another layout (:mod:`tulu3.checkpoint.reshard`).
+
+Each ``main`` calls :func:`tulu3.checkpoint.errors.run_cli` for the shared error / exit-code
+handling.
 """
 
-from __future__ import annotations
+from tulu3.checkpoint.errors import ConversionError, run_cli
 
-import sys
-from collections.abc import Callable
-from typing import Any
-
-
-class ConversionError(ValueError):
-    """Bad input to a conversion (missing file or tensor, wrong shape, bad layout); the message
-    names the offending item. Raised before any expensive work where possible."""
-
-
-def run_cli(convert: Callable[..., Any], *args: Any, done: str | Callable[[Any], str],
-            catch: tuple[type[Exception], ...] = (), warn: bool = False) -> int:
-    """Run ``convert(*args)`` for a command line; returns the exit status.
-
-    A :class:`ConversionError` (or one of ``catch``) prints ``error: <message>`` on stderr and
-    returns 2. Otherwise the notes ``convert`` returned (when it returns a list of str) are
-    printed one a line (on stderr as ``warning: <note>`` when ``warn``), then ``done`` (called
-    with the result when it is callable), and returns 0."""
-    try:
-        result = convert(*args)
-    except (ConversionError, *catch) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for note in result if isinstance(result, list) else ():
-        if warn:
-            print(f"warning: {note}", file=sys.stderr)
-        else:
-            print(note)
-    print(done(result) if callable(done) else done)
-    return 0
+__all__ = ["ConversionError", "run_cli"]

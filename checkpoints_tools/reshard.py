@@ -2,93 +2,16 @@
 
     python -m checkpoints_tools.reshard --ckpt CKPT --out NEW --tp 4 --pp 2 [--vpp 2] [--force]
 
-A tulu3 ``model/`` already loads at any layout (megatron intersects each rank's shards with the
-stored chunks), so resharding only re-pads the vocabulary rows to 128 x the new TP, cuts the stored
-chunks along the new TP shards (a load at the new TP then reads only its own bytes) and records
-the new layout. ``_extra_state`` objects and ``common.pt`` are copied verbatim. Model weights
-only: optimizer and other training state beside ``model/`` is NOT carried (the tool says so);
-to resume training with optimizer state at a new layout, resume from the original checkpoint.
+Model weights only (optimizer state is not carried); see :func:`tulu3.checkpoint.reshard.reshard`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from checkpoints_tools import ConversionError, run_cli
-from checkpoints_tools.dcp_io import DistReader, DistWriter
-from checkpoints_tools.format import (
-    META_FILE,
-    MODEL_DIR,
-    check_checkpoint,
-    check_layout,
-    disk_plan,
-    disk_shape,
-    prepare_output,
-    read_global,
-    read_meta,
-    sharded_key,
-    tp_regions,
-    write_meta,
-)
-from tulu3.model.presets import padded_vocab
-
-
-def _repad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """``tensor`` (already cut to at most ``rows`` rows) zero-padded to ``rows`` rows."""
-    if tensor.shape[0] == rows:
-        return tensor
-    out = tensor.new_zeros((rows, *tensor.shape[1:]))
-    out[:tensor.shape[0]] = tensor
-    return out
-
-
-def reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
-            force: bool = False, quiet: bool = False) -> list[str]:
-    """Write ``out`` = ``ckpt``'s model for layout TP ``tp`` x PP ``pp`` x VPP ``vpp``; returns
-    notes for the user (what was not carried)."""
-    ckpt, out = Path(ckpt), Path(out)
-    meta = read_meta(ckpt)
-    reader = DistReader(ckpt / MODEL_DIR)
-    check_checkpoint(reader, meta)
-    check_layout(meta.shape, tp, pp, vpp)
-    if out.resolve() == ckpt.resolve():
-        raise ConversionError("--out must differ from --ckpt")
-    prepare_output(out, force, [out / MODEL_DIR, out / META_FILE])
-    rows = padded_vocab(meta.vocab, tp)
-    writer = DistWriter(out / MODEL_DIR)
-    plan = disk_plan(meta.shape, meta.head)
-    with tqdm(total=len(plan), unit="tensor", desc="reshard", disable=quiet) as progress:
-        for rule, layer in plan:
-            tensor = read_global(reader, rule, layer, rows)
-            if rule.kind == "vocab":
-                tensor = _repad(tensor, rows)
-            stored, prefix = disk_shape(tuple(tensor.shape), layer, meta.shape.layers)
-            for offsets, sizes in tp_regions(rule, tuple(tensor.shape), tp):
-                region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
-                piece = tensor[region].reshape(*(1,) * len(prefix), *sizes)
-                writer.add_chunk(sharded_key(rule), stored, (*prefix, *offsets), piece)
-            progress.update()
-    for key in reader.objects:
-        writer.add_bytes(key, reader.read_bytes(key))
-    writer.finish(common=(ckpt / MODEL_DIR / "common.pt").read_bytes())
-    notes = []
-    left = sorted(p.name for p in ckpt.iterdir() if p.name not in (MODEL_DIR, META_FILE))
-    if left:
-        notes.append(f"NOT carried: {left} (optimizer / training state): {out} holds model "
-                     "weights only; load it with model.load=, or resume training from "
-                     f"{ckpt} itself, which megatron reshards on load")
-    origin = f"resharded from {ckpt} (TP{meta.tp} PP{meta.pp} VPP{meta.vpp})"
-    new = dataclasses.replace(meta, tp=tp, pp=pp, vpp=vpp, padded_vocab=rows,
-                              created_by="checkpoints_tools.reshard",
-                              notes=[*meta.notes, origin, *notes])
-    write_meta(out, new)
-    return notes
+from tulu3.checkpoint.errors import run_cli
+from tulu3.checkpoint.reshard import reshard
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

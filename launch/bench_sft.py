@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_sft")
     args = parser.parse_args()
     from tulu3.parallel.init import init_distributed
-    from tulu3.run import run_stage
+    from tulu3.train import run_stage
 
     init_distributed()
     out = Path(args.out)

@@ -250,12 +250,13 @@ def build_tulu3(cfg: Any, shape: Any, state: dict) -> tuple[Any, list]:
 
 def bench_tulu3(trainer: Any, chunks: list, batch: dict, args: argparse.Namespace) -> dict:
     """tulu3.step.train_step with the SFT stage: the training step, unchanged."""
-    from tulu3.run import vocab_shard
+    from tulu3.parallel.groups import ProcessGroups
     from tulu3.stages.sft import SFTStage
     from tulu3.step import train_step
 
     cfg = trainer.cfg
-    stage = SFTStage(vocab_shard(args.vocab), cfg.sft.loss_reduction, cfg.model.fused_logprobs)
+    stage = SFTStage(ProcessGroups.current().vocab_shard(args.vocab), cfg.sft.loss_reduction,
+                     cfg.model.fused_logprobs)
 
     def step(index: int) -> float:
         metrics = train_step(chunks, trainer.optimizer, trainer.scheduler, [batch], stage,
@@ -267,11 +268,11 @@ def bench_tulu3(trainer: Any, chunks: list, batch: dict, args: argparse.Namespac
 
 def bench_dpo(trainer: Any, chunks: list, batch: dict, args: argparse.Namespace) -> dict:
     """DPO (dpo_norm) forward + backward through megatron's schedule, no optimizer step."""
-    from tulu3.run import vocab_shard
-    from tulu3.stages.dpo import DPOStage
+    from tulu3.parallel.groups import ProcessGroups
+    from tulu3.stages.dpo.stage import DPOStage
     from tulu3.step import run_schedule
 
-    stage = DPOStage(vocab_shard(args.vocab), "dpo_norm", beta=5.0,
+    stage = DPOStage(ProcessGroups.current().vocab_shard(args.vocab), "dpo_norm", beta=5.0,
                      fused=trainer.cfg.model.fused_logprobs)
 
     def step(_index: int) -> float:

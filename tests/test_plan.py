@@ -9,8 +9,8 @@ import pytest
 from tulu3.config import ParallelConfig, load_config
 from tulu3.model.presets import PRESETS, flops_per_token, param_count
 from tulu3.parallel.layout import make_layout
-from tulu3.plan import main
 from tulu3.planner import UNEVEN_KEYS, Layout, PlanError, Problem, peak_memory, plan
+from tulu3.planner.cli import main
 from tulu3.planner.hardware import GIB
 from tulu3.planner.memory import ActivationTerms, layer_activation_bytes, rank_params
 from tulu3.planner.pipeline import (

@@ -8,7 +8,7 @@ import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from tulu3 import optim_fixes
+from tulu3 import patches
 from tulu3.config import Config, OptimConfig
 from tulu3.model.build import DTYPES
 
@@ -21,7 +21,7 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
 def build_optimizer(cfg: Config, chunks: list[torch.nn.Module],
                     total_steps: int) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
     """AdamW over the DDP-wrapped chunks and its scheduler (warm-up from 0, then decay)."""
-    optim_fixes.install()
+    patches.install()
     opt = cfg.optim
     dtype = DTYPES[cfg.model.dtype]
     config = OptimizerConfig(

@@ -1,20 +1,28 @@
 """``torchrun --nproc-per-node N -m tulu3.train --stage sft|dpo|rm|rlvr --config R.yaml``.
 
 Reads the recipe and ``--set`` overrides, checks them, and hands the run to the shared trainer
-with the stage's loop. ``--dry-run`` prints the resolved config and parallel layout and exits.
+with the stage's loop (:func:`run_stage`: tokenizer -> shape -> model -> loop -> optimizer ->
+fit). ``--dry-run`` prints the resolved config and parallel layout and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from typing import Any
 
 import yaml
 
-from tulu3.config import ConfigError, load_config
+from tulu3.config import Config, ConfigError, load_config
 
-STAGES = ("sft", "dpo", "rm", "rlvr")
+LOOPS = {"sft": "tulu3.stages.sft", "dpo": "tulu3.stages.dpo.loop", "rm": "tulu3.stages.rm.stage",
+         "rlvr": "tulu3.stages.rlvr.loop"}
+"""Stage -> the module whose ``build_loop(trainer, tokenizer, chunks, shard)`` makes its loop."""
+STAGES = tuple(LOOPS)
+HEADS = {"rm": "scalar"}
+"""The model head a stage trains when it is not the LM head (tulu3.model.scalar_head)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,9 +72,23 @@ def main(argv: list[str] | None = None) -> None:
             return
     except ConfigError as err:
         sys.exit(f"tulu3.train: {err}")
-    from tulu3.run import run_stage
-
     run_stage(cfg, args.stage)
+
+
+def run_stage(cfg: Config, stage: str) -> dict:
+    """Run one stage to its end; returns the last step's metrics record."""
+    from tulu3.trainer import Trainer
+
+    if stage not in LOOPS:
+        raise SystemExit(f"tulu3.train: --stage {stage} is not available in this build")
+    trainer = Trainer(cfg, stage)
+    tokenizer = trainer.load_tokenizer()
+    shape = trainer.resolve_shape(tokenizer.vocab_size)
+    chunks = trainer.build_model(shape, HEADS.get(stage, "lm"))
+    build_loop: Any = importlib.import_module(LOOPS[stage]).build_loop
+    loop = build_loop(trainer, tokenizer, chunks, trainer.groups.vocab_shard(shape.vocab))
+    trainer.build_optimizer(chunks, loop.total_steps())
+    return trainer.fit(loop, chunks, shape, cfg.data.tokenizer)
 
 
 if __name__ == "__main__":

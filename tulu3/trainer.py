@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from tulu3.checkpoint import (
+from tulu3.checkpoint.training import (
     TrainedModel,
     clean_partial_saves,
     find_resume,
@@ -30,7 +30,6 @@ from tulu3.model.presets import LlamaShape, flops_per_token, resolve_shape, with
 from tulu3.optim import build_optimizer, schedule_changes
 from tulu3.parallel.ddp import unwrap, wrap_ddp
 from tulu3.parallel.init import setup_parallel
-from tulu3.parallel.layout import ParallelLayout
 from tulu3.step import any_rank
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -57,7 +56,7 @@ class Trainer:
     def __init__(self, cfg: Config, stage: str) -> None:
         self.cfg = cfg
         self.stage = stage
-        self.layout: ParallelLayout = setup_parallel(cfg)
+        self.layout, self.groups = setup_parallel(cfg)
         self.rank = dist.get_rank()
         self.run_dir = Path(cfg.train.run_dir)
         self._stop_signal: int | None = None
@@ -80,7 +79,7 @@ class Trainer:
         """
         model = self.cfg.model
         if model.load:
-            from checkpoints_tools.load import checkpoint_shape
+            from tulu3.checkpoint.load import checkpoint_shape
 
             shape = checkpoint_shape(model.load)
             explicit = {f.name: getattr(model, f.name) for f in dataclasses.fields(LlamaShape)
@@ -108,7 +107,7 @@ class Trainer:
             return wrap_ddp(chunks, self.layout)
         chunks = build_model_chunks(self.cfg.model, self.layout)
         if self.cfg.model.load:
-            from checkpoints_tools.load import load_into_chunks
+            from tulu3.checkpoint.load import load_into_chunks
 
             load_into_chunks(self.cfg.model.load, chunks, shape, self.layout)
         return wrap_ddp(chunks, self.layout)
@@ -160,7 +159,7 @@ class Trainer:
                 _rewrite_last(self.run_dir / "metrics.jsonl", record)
         logger.close()
         if self.rank == 0 and self.cfg.train.plots and (self.run_dir / "metrics.jsonl").exists():
-            from tulu3.plots import plot_run
+            from tulu3.metrics import plot_run
 
             plot_run(self.run_dir)
         return record

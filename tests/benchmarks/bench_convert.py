@@ -29,8 +29,8 @@ SHAPE = LlamaShape(layers=16, hidden=2048, heads=32, kv_heads=8, ffn_hidden=8192
 
 def make_source(path: Path, shape: LlamaShape) -> int:
     """Random bf16 HF directory; returns its tensor bytes."""
-    from checkpoints_tools.hf_config import expected_hf_shapes, hf_config_for
-    from checkpoints_tools.hf_io import ShardedSafetensorsWriter, TensorSpec
+    from tulu3.checkpoint.hf_config import expected_hf_shapes, hf_config_for
+    from tulu3.checkpoint.hf_io import ShardedSafetensorsWriter, TensorSpec
 
     path.mkdir(parents=True, exist_ok=True)
     specs = [TensorSpec(n, s, torch.bfloat16) for n, s in expected_hf_shapes(shape).items()]
@@ -64,7 +64,7 @@ def child(mode: str, src: str, out: str, tp: int) -> None:
     """Run one conversion in this process and print its memory as JSON."""
     import psutil
 
-    from checkpoints_tools import hf_to_megatron, megatron_to_hf
+    from tulu3.checkpoint.errors import hf_to_megatron, megatron_to_hf
 
     baseline = psutil.Process().memory_info().rss
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def run_child(mode: str, src: Path, out: Path, tp: int) -> dict:
 
 
 def verify(a: Path, b: Path) -> None:
-    from checkpoints_tools.hf_io import HFReader
+    from tulu3.checkpoint.hf_io import HFReader
 
     left, right = HFReader(a), HFReader(b)
     assert sorted(left.names()) == sorted(right.names())

@@ -39,7 +39,7 @@ def run_mode(overrides: list[str]) -> dict:
     from tulu3.config import load_config
     from tulu3.metrics import read_metrics
     from tulu3.parallel.ddp import unwrap
-    from tulu3.run import LOOPS
+    from tulu3.train import LOOPS
     from tulu3.trainer import Trainer
 
     pin_malloc_mmap_threshold()

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from checkpoints_tools.hf_config import expected_hf_shapes, hf_config_for
-from checkpoints_tools.hf_io import ShardedSafetensorsWriter, TensorSpec
+from tulu3.checkpoint.hf_config import expected_hf_shapes, hf_config_for
+from tulu3.checkpoint.hf_io import ShardedSafetensorsWriter, TensorSpec
 from tulu3.model.presets import PRESETS, LlamaShape
 
 VOCAB = 500  # not a multiple of 128 x TP: vocabulary padding is exercised

@@ -19,9 +19,11 @@ from ckpt_testlib import (
     random_hf_dir,
 )
 
-from checkpoints_tools import ConversionError, hf_to_megatron, megatron_to_hf, reshard
-from checkpoints_tools.dcp_io import DistReader
-from checkpoints_tools.format import read_meta
+from checkpoints_tools import hf_to_megatron, megatron_to_hf, reshard
+from tulu3.checkpoint import from_hf
+from tulu3.checkpoint.dcp_io import DistReader
+from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.format import read_meta
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def hf_bf16(tmp_path_factory):
 @pytest.mark.parametrize("shape,layout", [(SHAPE, (2, 2, 1)), (SHAPE, (1, 2, 2)),
                                           (TIED, (2, 1, 1)), (TIED, (1, 2, 2))])
 def test_round_trip_bit_exact(tmp_path, monkeypatch, shape, layout):
-    monkeypatch.setattr(hf_to_megatron, "BLOCK_BYTES", 1000)  # column pieces: many row blocks
+    monkeypatch.setattr(from_hf, "BLOCK_BYTES", 1000)  # column pieces: many row blocks
     hf = random_hf_dir(tmp_path / "hf", shape, torch.bfloat16, max_shard_bytes=50_000)
     tp, pp, vpp = layout
     hf_to_megatron.convert(hf, tmp_path / "ckpt", tp, pp, vpp, quiet=True)

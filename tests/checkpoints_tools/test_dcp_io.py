@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from checkpoints_tools import ConversionError
-from checkpoints_tools.dcp_io import DistReader, DistWriter
+from tulu3.checkpoint.dcp_io import DistReader, DistWriter
+from tulu3.checkpoint.errors import ConversionError
 
 
 def test_regions_across_chunks_round_trip(tmp_path):

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 from ckpt_testlib import SHAPE, TIED
 
-from checkpoints_tools import ConversionError
-from checkpoints_tools.hf_config import (
+from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.hf_config import (
     LLAMA31_ROPE,
     hf_config_for,
     rope_warning,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoints_tools import ConversionError
-from checkpoints_tools.hf_io import (
+from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.hf_io import (
     INDEX_FILE,
     HFReader,
     ShardedSafetensorsWriter,

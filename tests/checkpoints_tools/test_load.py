@@ -9,8 +9,9 @@ import pytest
 import torch
 from ckpt_testlib import SHAPE, random_hf_dir
 
-from checkpoints_tools import ConversionError, hf_to_megatron
-from checkpoints_tools.load import (
+from checkpoints_tools import hf_to_megatron
+from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.load import (
     check_shape,
     checkpoint_shape,
     detect_format,

@@ -29,8 +29,8 @@ from ckpt_testlib import (
 )
 
 from checkpoints_tools import hf_to_megatron, megatron_to_hf, reshard
-from checkpoints_tools.dcp_io import DistReader
-from checkpoints_tools.format import read_meta
+from tulu3.checkpoint.dcp_io import DistReader
+from tulu3.checkpoint.format import read_meta
 
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -56,10 +56,10 @@ def _logits_diff(chunks, ref: torch.Tensor) -> float | None:
 def _tp2pp2(paths: dict, ref: torch.Tensor) -> dict:
     from megatron.core import parallel_state as ps
 
-    from checkpoints_tools.export import export_hf_from_chunks
-    from checkpoints_tools.format import make_meta, save_model, write_meta
-    from checkpoints_tools.hf_config import read_hf_config
-    from checkpoints_tools.load import load_into_chunks
+    from tulu3.checkpoint.export import export_hf_from_chunks
+    from tulu3.checkpoint.format import make_meta, save_model, write_meta
+    from tulu3.checkpoint.hf_config import read_hf_config
+    from tulu3.checkpoint.load import load_into_chunks
 
     chunks, layout = _build(SHAPE, 2, 2, 1, "torch")
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -86,9 +86,9 @@ def _tp2pp2(paths: dict, ref: torch.Tensor) -> dict:
 
 
 def _pp2vpp2(paths: dict, ref_tied: torch.Tensor) -> dict:
-    from checkpoints_tools.export import export_hf_from_chunks
-    from checkpoints_tools.format import make_meta, save_model, write_meta
-    from checkpoints_tools.load import load_into_chunks
+    from tulu3.checkpoint.export import export_hf_from_chunks
+    from tulu3.checkpoint.format import make_meta, save_model, write_meta
+    from tulu3.checkpoint.load import load_into_chunks
 
     chunks, layout = _build(TIED, 1, 2, 2, "local")
     load_into_chunks(paths["converted_tied"], chunks, TIED, layout)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ckpt_testlib import SHAPE
 
-from checkpoints_tools.format import tp_regions
+from tulu3.checkpoint.format import tp_regions
 from tulu3.model import hf_mapping
 from tulu3.model.presets import padded_vocab
 
@@ -32,7 +32,7 @@ def _reference_global(kind: str, hf: list[torch.Tensor], shape, padded: int) -> 
 @pytest.mark.parametrize("shape", [SHAPE, dataclasses.replace(SHAPE, heads=8, kv_heads=8),
                                    dataclasses.replace(SHAPE, heads=8, kv_heads=1)])
 def test_to_global_matches_reference_layout(shape):
-    from checkpoints_tools.hf_config import expected_hf_shapes
+    from tulu3.checkpoint.hf_config import expected_hf_shapes
 
     hf_shapes = expected_hf_shapes(shape)
     padded = padded_vocab(shape.vocab, 2)

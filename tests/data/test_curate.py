@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 
-from tulu3 import curate
-from tulu3.data import synthetic
+from tulu3.data import curate, synthetic
 from tulu3.data.loading import read_rows, write_jsonl
 
 EVAL_Q = ("Natalia sold clips to 48 of her friends in April and then she sold half as many "

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tulu3.config import ConfigError, load_config
-from tulu3.loops.rlvr import validate_rlvr
-from tulu3.loops.rlvr_batch import IGNORE, RolloutBatch
 from tulu3.parallel.layout import ParallelLayout
+from tulu3.rollout.batch import IGNORE, RolloutBatch
+from tulu3.stages.rlvr.loop import validate_rlvr
 
 
 def test_labels_and_mask_cover_exactly_the_response() -> None:

@@ -73,7 +73,7 @@ def _train(world: int, hf_dir: str, overrides: list[str], steps: int = 2) -> dic
     from tulu3.parallel.ddp import wrap_ddp
     from tulu3.parallel.init import init_model_parallel
     from tulu3.parallel.layout import make_layout
-    from tulu3.stages.rm import RMStage
+    from tulu3.stages.rm.stage import RMStage
     from tulu3.step import train_step
 
     # lr 1e-4: Adam divides by |grad|, so gradient rounding (~1e-7 relative) becomes weight
@@ -172,7 +172,7 @@ def _rm_checkpoint_round_trip(model: torch.nn.Module, model_cfg: ModelConfig,
                               layout: ParallelLayout, shape: LlamaShape, ckpt: Path,
                               tokens: torch.Tensor) -> dict:
     """A reward-model checkpoint (head: scalar) loads back with the head: identical scores."""
-    from checkpoints_tools.format import make_meta, save_model, write_meta
+    from tulu3.checkpoint.format import make_meta, save_model, write_meta
     from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
 
     with torch.no_grad():
@@ -191,7 +191,7 @@ def _save_policy(model_cfg: ModelConfig, layout: ParallelLayout, shape: LlamaSha
                  ckpt: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A policy (LM head) from random HF weights, saved as a checkpoint with head: lm; returns
     (the megatron policy, the HF model)."""
-    from checkpoints_tools.format import make_meta, save_model, write_meta
+    from tulu3.checkpoint.format import make_meta, save_model, write_meta
     from tulu3.model import hf_mapping
     from tulu3.model.build import build_model_chunks
     from tulu3.testing import tiny_hf_llama
@@ -227,7 +227,7 @@ def _scalar_model_from_policy(model_cfg: ModelConfig, layout: ParallelLayout,
 def _lm_model_loads(policy: torch.nn.Module, lm_ckpt: Path, rm_ckpt: Path) -> dict:
     """The policy checkpoint still loads into the LM model (value_head never stored there); an
     RM checkpoint does not pretend to be a policy."""
-    from checkpoints_tools.format import load_model
+    from tulu3.checkpoint.format import load_model
 
     load_model([policy], lm_ckpt)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tulu3.parallel import cpu
+from tulu3.patches import cpu
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is CPU-only")
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tulu3.stages import dpo_losses as L
+from tulu3.stages.dpo import losses as L
 
 SP1 = 0.31326168751822286  # log(1 + e^-1)
 LOG2 = math.log(2.0)

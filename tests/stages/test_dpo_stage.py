@@ -19,7 +19,7 @@ from tulu3.data.cache import Ragged
 from tulu3.data.dataset import DPODataset
 from tulu3.data.examples import DPOExample
 from tulu3.data.packing import collate_dpo
-from tulu3.stages.dpo import REF_KEYS, DPOStage, ReferenceStage, pair_logps
+from tulu3.stages.dpo.stage import REF_KEYS, DPOStage, ReferenceStage, pair_logps
 from tulu3.stages.logprobs import VocabShard
 
 VOCAB = 37
@@ -214,7 +214,7 @@ def test_bad_settings_are_refused() -> None:
 
 
 def test_pair_view_skips_identical_pairs() -> None:
-    from tulu3.loops.dpo import PairView
+    from tulu3.stages.dpo.loop import PairView
 
     prompt, chosen, rejected = [[1, 2], [3, 4], [5]], [[7, 8], [9], [6, 6]], [[7, 8], [9, 1], [6]]
     arrays = {}
@@ -236,7 +236,7 @@ def test_bad_rows_from_file_to_trainable_pairs(tmp_path) -> None:
     from tulu3.data.examples import RowError
     from tulu3.data.synthetic import tokenizer_corpus
     from tulu3.data.tokenizer import build_tiny_tiktoken, load_tokenizer
-    from tulu3.loops.dpo import PairView
+    from tulu3.stages.dpo.loop import PairView
 
     tok = load_tokenizer(build_tiny_tiktoken(str(tmp_path / "tok.model"), tokenizer_corpus(30),
                                              40))

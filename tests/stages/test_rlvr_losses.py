@@ -9,8 +9,7 @@ import torch
 
 from tulu3.stages.base import metric
 from tulu3.stages.logprobs import VocabShard
-from tulu3.stages.rlvr import RLVRPolicyStage, ValueStage
-from tulu3.stages.rlvr_losses import (
+from tulu3.stages.rlvr.losses import (
     explained_variance,
     gae,
     group_advantages,
@@ -23,6 +22,7 @@ from tulu3.stages.rlvr_losses import (
     value_loss,
     whiten,
 )
+from tulu3.stages.rlvr.stage import RLVRPolicyStage, ValueStage
 
 # One row: a prompt position (masked), three response tokens, one padding position.
 MASK = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
@@ -165,7 +165,7 @@ def test_value_stage() -> None:
 
 
 def test_capture_at_the_sampling_temperature() -> None:
-    from tulu3.stages.rlvr import CaptureStage
+    from tulu3.stages.rlvr.stage import CaptureStage
 
     logits = torch.tensor([[[0.0, 2.0, 4.0]]])  # one position, vocab 3
     batch = {"labels": torch.tensor([[2]]), "example_ids": torch.tensor([7])}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tulu3.model.scalar_head import sequence_scores
-from tulu3.stages.rm import RMStage, bradley_terry_loss
+from tulu3.stages.rm.stage import RMStage, bradley_terry_loss
 from tulu3.step import reduce_metrics
 
 # Pair 1: r_c = 2.0, r_r = 0.5; pair 2: r_c = -1.0, r_r = 0.0; margin 0.5, centering 0.1.

@@ -55,7 +55,7 @@ def common(data: dict, run_dir: Path, *extra: str) -> list[str]:
 
 def run_rlvr(overrides: list[str]) -> list[dict] | str:
     """One RLVR run from the tiny recipe; its metrics records, or the error text."""
-    from tulu3.run import run_stage
+    from tulu3.train import run_stage
 
     cfg = load_config(RECIPE, overrides)
     try:
@@ -73,7 +73,7 @@ def learn(data: dict, root: Path, seeds: tuple[int, ...] = (1234,), steps: int =
     """SFT, ``tulu3.eval`` of the SFT checkpoint (greedy), then GRPO and PPO runs from it for
     every seed (each ends with the loop's greedy eval: ``eval/verified``)."""
     from tulu3 import eval as tulu3_eval
-    from tulu3.run import run_stage
+    from tulu3.train import run_stage
 
     sft = load_config("launch/recipes/tiny-sft.yaml", common(
         data, root / "sft", f"data.train={data['add_sft']}", "data.eval=null",

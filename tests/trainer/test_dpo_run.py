@@ -54,9 +54,9 @@ def step_layout(world: int, overrides: list[str], loss: str, fused: bool) -> dic
     """Two DPO steps at a layout from the same HF weights; global-layout grads and weights."""
     from megatron.core import parallel_state as ps
 
-    from tulu3 import reference
     from tulu3.data.packing import collate_dpo
-    from tulu3.stages.dpo import DPOStage, ReferenceStage
+    from tulu3.stages.dpo import reference
+    from tulu3.stages.dpo.stage import DPOStage, ReferenceStage
 
     # optim.eps 1e-6: a DPO gradient is a difference of chosen and rejected terms, so some
     # entries are ~4e-9 and carry fp32 noise of ~5e-10 (1e-7 of the largest entry); Adam's
@@ -90,7 +90,7 @@ def dpo_overrides(data: dict[str, str], run_dir: Path, *extra: str) -> list[str]
 
 def trainer_run(overrides: list[str]) -> dict:
     """One DPO run in this (distributed) process: its records and its reference-cache files."""
-    from tulu3.run import run_stage
+    from tulu3.train import run_stage
 
     cfg = load_config(RECIPE, overrides)
     run_stage(cfg, "dpo")
@@ -219,8 +219,8 @@ def test_learns_the_synthetic_preferences(results: dict) -> None:
 
 
 def test_checkpoint_dir_resolution_and_fingerprint(tmp_path: Path) -> None:
-    from checkpoints_tools.load import resolve_checkpoint_dir
-    from tulu3.reference import cache_key, checkpoint_fingerprint
+    from tulu3.checkpoint.load import resolve_checkpoint_dir
+    from tulu3.stages.dpo.reference import cache_key, checkpoint_fingerprint
 
     step = tmp_path / "run" / "checkpoints" / "step_3"
     (step / "model").mkdir(parents=True)

@@ -45,7 +45,7 @@ def _overrides(data: dict, run_dir: Path, *extra: str) -> list[str]:
 
 def _forgetful(overrides: list[str]) -> list[dict] | str:
     """A resume that restores the policy but not the value model (the bug this file guards)."""
-    from tulu3.loops.rlvr import RLVRLoop
+    from tulu3.stages.rlvr.loop import RLVRLoop
 
     original = RLVRLoop.extra_models
     RLVRLoop.extra_models = lambda self: {}  # type: ignore[method-assign]
@@ -80,8 +80,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("rlvr_resume")
     data = tiny_data(root)
     # Imported before the fork: the ranks inherit megatron instead of importing it.
-    import tulu3.loops.rlvr  # noqa: F401
-    import tulu3.run  # noqa: F401
+    import tulu3.stages.rlvr.loop  # noqa: F401
+    import tulu3.train  # noqa: F401
 
     out = run_distributed_test(ranks, 2, data, root, timeout_s=600)[0]
     return {**out, "root": root}

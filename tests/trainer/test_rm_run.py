@@ -3,7 +3,7 @@
 Launch 1 (one process): the tiny reward model trains with launch/recipes/tiny-rm-scratch.yaml
 on the synthetic preference set (``rm.jsonl``: count, reversal, single-digit sums) from a seeded
 random HF Llama, with held-out evaluation on ``rm_eval.jsonl`` (metrics, plots, a checkpoint
-marked ``head: scalar``), then ``tulu3.rm_export`` writes the checkpoint as an HF
+marked ``head: scalar``), then ``tulu3.stages.rm.export`` writes the checkpoint as an HF
 LlamaForSequenceClassification.
 Launch 2 (two processes): the checkpoint loads through ``load_scalar_weights`` at PP2 and at DP2,
 ``score_conversations`` scores the held-out conversations, and the PP2 model is exported again
@@ -45,8 +45,8 @@ def _data(root: Path) -> dict[str, str]:
 
 
 def _train_and_export(data: dict, run_dir: str, hf_out: str) -> dict:
-    from tulu3.rm_export import export_checkpoint
-    from tulu3.run import run_stage
+    from tulu3.stages.rm.export import export_checkpoint
+    from tulu3.train import run_stage
 
     paths = {"data.tokenizer": data["tokenizer"], "data.train": data["rm"],
              "data.eval": data["rm_eval"], "data.cache_dir": Path(run_dir).parent / "cache",
@@ -68,10 +68,10 @@ def _score_at_layouts(ckpt: str, tokenizer: str, convs: list, hf_out: str) -> di
     from megatron.core import parallel_state as ps
 
     from tulu3.data.tokenizer import load_tokenizer
-    from tulu3.eval_rm import load_reward_model, score_conversations
     from tulu3.parallel.init import init_model_parallel
     from tulu3.parallel.layout import make_layout
-    from tulu3.rm_export import export_reward_model
+    from tulu3.stages.rm.export import export_reward_model
+    from tulu3.stages.rm.score import load_reward_model, score_conversations
 
     tok = load_tokenizer(tokenizer)
     out = {}
@@ -175,7 +175,7 @@ def test_export_equals_transformers(run: dict) -> None:
         diff = float((torch.tensor(scores) - hf).abs().max())
         assert diff < 1e-5, f"{layout}: tulu3 and transformers scores differ by {diff}"
     # The in-process export (PP2 ranks) writes the same tensors as the streaming one.
-    from checkpoints_tools.hf_io import HFReader
+    from tulu3.checkpoint.hf_io import HFReader
 
     a, b = HFReader(run["hf"]), HFReader(run["hf_again"])
     assert a.names() == b.names() and "score.weight" in a.names()
@@ -255,7 +255,7 @@ def test_eval_scores_with_the_reward_model(run: dict) -> None:
 
 
 def _preference_report(rm: str, data: str, tokenizer: str) -> dict | None:
-    from tulu3 import eval_preferences
+    from tulu3.eval import preferences as eval_preferences
 
     return eval_preferences.evaluate(eval_preferences.parse_args([
         "--rm", rm, "--data", data, "--tokenizer", tokenizer, "--max-len", str(MAX_LEN),
@@ -263,7 +263,7 @@ def _preference_report(rm: str, data: str, tokenizer: str) -> dict | None:
 
 
 def test_eval_preferences_per_source(run: dict) -> None:
-    """``tulu3.eval_preferences`` at DP2 on the held-out pairs: per-source accuracy and margin
+    """``tulu3.eval.preferences`` at DP2 on the held-out pairs: per-source accuracy and margin
     equal to the same pairs scored by transformers from the export (scores to 1e-5)."""
     data = run["data"]
     report = run_distributed_test(_preference_report, 2, str(run["run_dir"]), data["rm_eval"],
@@ -285,7 +285,7 @@ def test_eval_preferences_per_source(run: dict) -> None:
 def test_eval_preferences_bad_rows(tmp_path: Path) -> None:
     """Malformed preference rows are refused with file:line before any model is built."""
     from tulu3.data.examples import RowError
-    from tulu3.eval_preferences import main, read_pairs
+    from tulu3.eval.preferences import main, read_pairs
 
     good = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
             "rejected": [{"role": "user", "content": "hi"},

@@ -36,7 +36,7 @@ def sft_overrides(data: dict[str, str], run_dir: Path, *extra: str) -> list[str]
 
 def run_sft(overrides: list[str]) -> list[float]:
     """Run an SFT stage in this (already distributed) process; returns the logged losses."""
-    from tulu3.run import run_stage
+    from tulu3.train import run_stage
 
     cfg = load_config("launch/recipes/tiny-sft.yaml", overrides)
     run_stage(cfg, "sft")

@@ -80,7 +80,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def curate(data: dict[str, str], out: Path) -> dict:
     """Plant three eval prompts in the SFT split, remove every overlapping row, then add the
     verifiable task's SFT chats (in-distribution by design: its eval is add_eval.jsonl)."""
-    from tulu3.curate import decontaminate
+    from tulu3.data.curate import decontaminate
     from tulu3.data.loading import read_rows, write_jsonl
 
     sft = [row for row, _ in read_rows(data["sft"])]

@@ -14,7 +14,7 @@ import torch
 
 
 def tulu3_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
-    from checkpoints_tools.load import checkpoint_shape, load_into_chunks
+    from tulu3.checkpoint.load import checkpoint_shape, load_into_chunks
     from tulu3.config import load_config
     from tulu3.model.build import build_model_chunks
     from tulu3.model.presets import with_shape

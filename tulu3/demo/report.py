@@ -39,7 +39,7 @@ def _stage_section(out: Path, stage: dict) -> list[str]:
         if key in last:
             lines.append(f"| {key} | {_fmt(first.get(key, ''))} | {_fmt(last[key])} |")
     accuracy = eval_accuracy(stage.get("eval", {}))
-    lines += ["", f"Verifiable-task accuracy (greedy, `tulu3.eval` on add_eval.jsonl): "
+    lines += ["", f"Verifiable-task accuracy (greedy, `tulu3.eval.generate` on add_eval.jsonl): "
                   f"**{_fmt(accuracy) if accuracy is not None else 'n/a'}**", ""]
     run_dir = Path(stage["run_dir"])
     for plot in PLOTS[name]:

@@ -118,8 +118,8 @@ def load_scalar_weights(path: str | Path, chunks: list[torch.nn.Module], shape: 
     ``chunks`` are this rank's unwrapped ScalarHeadModel chunks. Collective for tulu3
     checkpoints. Returns "tulu3" | "hf" (the detected format).
     """
-    from checkpoints_tools.format import load_model, read_meta
-    from checkpoints_tools.load import (
+    from tulu3.checkpoint.format import load_model, read_meta
+    from tulu3.checkpoint.load import (
         check_shape,
         checkpoint_shape,
         detect_format,
@@ -144,8 +144,8 @@ def load_scalar_weights(path: str | Path, chunks: list[torch.nn.Module], shape: 
 def _load_hf(path: str | Path, chunks: list[torch.nn.Module], shape: LlamaShape,
              layout: ParallelLayout, tp_rank: int | None) -> bool:
     """Backbone (+ ``score.weight`` when present) from an HF directory; True if it had a head."""
-    from checkpoints_tools import ConversionError
-    from checkpoints_tools.hf_io import HFReader
+    from tulu3.checkpoint.errors import ConversionError
+    from tulu3.checkpoint.hf_io import HFReader
     from tulu3.model import hf_mapping
 
     if tp_rank is None:

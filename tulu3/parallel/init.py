@@ -9,8 +9,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tulu3 import patches
 from tulu3.config import Config
-from tulu3.parallel import cpu
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout, check_backend_limits, make_layout
 
 
@@ -30,7 +31,7 @@ def init_distributed(backend: str = "auto", timeout_min: int = 30) -> tuple[int,
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo" and not torch.cuda.is_available():
-        cpu.install()
+        patches.install()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -48,8 +49,7 @@ def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if not torch.cuda.is_available():
-        cpu.install()
+    patches.install()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -63,8 +63,11 @@ def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def setup_parallel(cfg: Config) -> ParallelLayout:
-    """init_distributed + validate the layout + megatron groups: the start of every run."""
+def setup_parallel(cfg: Config) -> tuple[ParallelLayout, ProcessGroups]:
+    """init_distributed + validate the layout + megatron groups: the start of every run.
+
+    Returns the layout and this rank's groups (the only handle the rest of tulu3 gets on
+    megatron's process state)."""
     # Validate before starting anything: a bad layout fails in a second, not after start-up.
     layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     backend = cfg.parallel.backend
@@ -73,4 +76,4 @@ def setup_parallel(cfg: Config) -> ParallelLayout:
     check_backend_limits(cfg, layout, backend)
     init_distributed(cfg.parallel.backend)
     init_model_parallel(layout, cfg.train.seed)
-    return layout
+    return layout, ProcessGroups.current()

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from tulu3.stages.base import metric
@@ -43,3 +45,14 @@ class SFTStage:
             "sequences": metric(sequences, 0),
         }
         return loss_sum, normalizer.to(torch.int), metrics
+
+
+def build_loop(trainer: Any, tokenizer: Any, chunks: list, shard: VocabShard) -> Any:
+    """The SFT loop: the shared supervised loop over chat rows with :class:`SFTStage`."""
+    from tulu3.data.packing import collate_sft
+    from tulu3.stages.supervised import SupervisedLoop
+
+    cfg = trainer.cfg
+    stage = SFTStage(shard, cfg.sft.loss_reduction, cfg.model.fused_logprobs)
+    return SupervisedLoop(cfg, "sft", tokenizer, chunks, trainer, stage, collate_sft,
+                          trainer.layout)

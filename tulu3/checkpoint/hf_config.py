@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from checkpoints_tools import ConversionError
+from tulu3.checkpoint.errors import ConversionError
 from tulu3.model.presets import LlamaShape
 
 # A reward model (LlamaForSequenceClassification, one label) has the same backbone.

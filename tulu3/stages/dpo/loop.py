@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 
-from tulu3 import reference as ref
 from tulu3.config import Config, ConfigError
 from tulu3.data.packing import collate_dpo
 from tulu3.data.sampler import GlobalBatchSampler
-from tulu3.loops.supervised import SupervisedLoop
 from tulu3.model.presets import resolve_shape
 from tulu3.parallel.layout import ParallelLayout
-from tulu3.stages.dpo import DPOStage, ReferenceStage
+from tulu3.stages.dpo import reference as ref
+from tulu3.stages.dpo.stage import DPOStage, ReferenceStage
+from tulu3.stages.supervised import SupervisedLoop
 
 
 class PairView:
@@ -162,6 +162,14 @@ class DPOLoop(SupervisedLoop):
 def _same_dir(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return a == b
-    from checkpoints_tools.load import resolve_checkpoint_dir
+    from tulu3.checkpoint.load import resolve_checkpoint_dir
 
     return resolve_checkpoint_dir(a).resolve() == resolve_checkpoint_dir(b).resolve()
+
+
+def build_loop(trainer: Any, tokenizer: Any, chunks: list, shard: Any) -> DPOLoop:
+    """The DPO loop with its stage from ``cfg.dpo``."""
+    cfg, dpo = trainer.cfg, trainer.cfg.dpo
+    stage = DPOStage(shard, dpo.loss, dpo.beta, dpo.gamma_beta_ratio, dpo.label_smoothing,
+                     cfg.model.fused_logprobs)
+    return DPOLoop(cfg, tokenizer, chunks, trainer, stage, trainer.layout)

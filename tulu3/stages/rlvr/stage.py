@@ -3,7 +3,7 @@
 A micro-batch (tulu3/loops/rlvr.py ``micro_batch``) holds prompt + response rows, right-padded,
 with per-token tensors aligned to ``labels``: ``loss_mask`` (1 on response tokens),
 ``old_logprobs``, ``ref_logprobs``, ``advantages``, and for the value model ``old_values`` and
-``returns``. The math is in :mod:`tulu3.stages.rlvr_losses`; these classes only reduce it.
+``returns``. The math is in :mod:`tulu3.stages.rlvr.losses`; these classes only reduce it.
 
 Log-probs (old, reference, current) are those of the sampling distribution: the model's output
 divided by ``rlvr.temperature`` (hidden states for the fused kernel, logits otherwise: the same
@@ -21,7 +21,7 @@ import torch
 
 from tulu3.stages.base import metric
 from tulu3.stages.logprobs import VocabShard, token_logprobs
-from tulu3.stages.rlvr_losses import grpo_token_loss, kl_k1, ppo_policy_loss, value_loss
+from tulu3.stages.rlvr.losses import grpo_token_loss, kl_k1, ppo_policy_loss, value_loss
 
 
 def tempered(output: torch.Tensor, temperature: float) -> torch.Tensor:

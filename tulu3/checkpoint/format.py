@@ -15,7 +15,7 @@ rows) and how the stored chunks are cut (one per TP shard, so a load at the save
 its own bytes).
 
 Trainer use: ``save_model(chunks, ckpt)`` + ``write_meta(ckpt, make_meta(...))`` on rank 0;
-``load_model(chunks, ckpt)`` (or ``checkpoints_tools.load.load_into_chunks``) to read it back.
+``load_model(chunks, ckpt)`` (or ``tulu3.checkpoint.load.load_into_chunks``) to read it back.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from checkpoints_tools import ConversionError
-from checkpoints_tools.dcp_io import DistReader
-from checkpoints_tools.hf_config import expected_hf_shapes
+from tulu3.checkpoint.dcp_io import DistReader
+from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.hf_config import expected_hf_shapes
 from tulu3.model.hf_mapping import SCALAR_HEAD, TABLE, Rule, hf_names
 from tulu3.model.presets import LlamaShape, padded_vocab
 

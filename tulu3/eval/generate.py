@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def init_layout(ckpt: str, tp: int, pp: int, seed: int) -> tuple[Any, Any, Any]:
     """(config, shape, layout) for the checkpoint at TP x PP on the current world (the rest data
     parallel), with torch.distributed and megatron's parallel state initialised."""
-    from checkpoints_tools.load import checkpoint_shape
+    from tulu3.checkpoint.load import checkpoint_shape
     from tulu3.config import Config
     from tulu3.model.presets import with_shape
     from tulu3.parallel.init import init_distributed, init_model_parallel
@@ -93,7 +93,7 @@ def init_layout(ckpt: str, tp: int, pp: int, seed: int) -> tuple[Any, Any, Any]:
 
 def build_policy(ckpt: str, tp: int, pp: int, seed: int) -> tuple[list, Any, Any]:
     """(chunks, shape, layout) of the checkpoint at TP x PP on the current world."""
-    from checkpoints_tools.load import load_into_chunks
+    from tulu3.checkpoint.load import load_into_chunks
     from tulu3.model.build import build_model_chunks
 
     cfg, shape, layout = init_layout(ckpt, tp, pp, seed)
@@ -105,8 +105,8 @@ def build_policy(ckpt: str, tp: int, pp: int, seed: int) -> tuple[list, Any, Any
 def default_tokenizer(ckpt: str) -> str:
     """The tokenizer recorded in a tulu3 checkpoint (or a run directory's latest), else ``ckpt``
     itself (an HF directory)."""
-    from checkpoints_tools.format import is_tulu3_checkpoint, read_meta
-    from checkpoints_tools.load import resolve_checkpoint_dir
+    from tulu3.checkpoint.format import is_tulu3_checkpoint, read_meta
+    from tulu3.checkpoint.load import resolve_checkpoint_dir
 
     ckpt = str(resolve_checkpoint_dir(ckpt))
     if is_tulu3_checkpoint(ckpt):
@@ -166,7 +166,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 def _add_reward_model_scores(args: argparse.Namespace, rows: list[dict], tok: Any,
                              layout: Any) -> None:
     """``row["rm_score"]`` for every row (collective: every rank holds all rows)."""
-    from tulu3.eval_rm import score_with_reward_model
+    from tulu3.stages.rm.score import score_with_reward_model
 
     conversations = [[*row["messages"], {"role": "assistant", "content": row["response"]}]
                      for row in rows]

@@ -24,7 +24,7 @@ the shared :func:`tulu3.step.train_step`. Per step:
 Checkpoints hold the policy and, for PPO, the value model (``step_N/value/``: weights, optimizer,
 LR schedule; :meth:`RLVRLoop.extra_models`), so a resumed run continues exactly where it stopped.
 The frozen reference is not saved: it is rebuilt from ``model.load`` (see
-:func:`~tulu3.loops.rlvr_models.build_reference`).
+:func:`~tulu3.stages.rlvr.models.build_reference`).
 
 LR schedule: it steps once per rollout batch (``optim.warmup`` and the decay count rollout
 batches); every optimizer step of one rollout batch uses the same LR.
@@ -50,19 +50,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from tulu3.checkpoint import TrainedModel
+from tulu3.checkpoint.training import TrainedModel
 from tulu3.config import Config, ConfigError
 from tulu3.data.dataset import build_dataset
 from tulu3.data.sampler import GlobalBatchSampler
-from tulu3.loops.rlvr_batch import RolloutBatch
-from tulu3.loops.rlvr_models import ValueModel, build_reference
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.rewards import VerifierPool, VerifyResult, rlvr_reward
 from tulu3.rollout import SamplingParams, generate
+from tulu3.rollout.batch import RolloutBatch
 from tulu3.rollout.kv_cache import attention_modules
 from tulu3.stages.logprobs import VocabShard
-from tulu3.stages.rlvr import CaptureStage, RLVRPolicyStage, ValueStage
-from tulu3.stages.rlvr_losses import (
+from tulu3.stages.rlvr.losses import (
     explained_variance,
     gae,
     group_advantages,
@@ -71,6 +69,8 @@ from tulu3.stages.rlvr_losses import (
     ppo_rewards,
     whiten,
 )
+from tulu3.stages.rlvr.models import ValueModel, build_reference
+from tulu3.stages.rlvr.stage import CaptureStage, RLVRPolicyStage, ValueStage
 from tulu3.step import run_schedule, train_step
 
 POLICY_KEYS = ("old_logprobs", "ref_logprobs", "advantages")
@@ -365,3 +365,7 @@ def _eval_mode(chunks: list) -> Iterator[None]:
     finally:
         for chunk, training in zip(chunks, was, strict=True):
             chunk.train(training)
+
+
+def build_loop(trainer: Any, tokenizer: Any, chunks: list, shard: VocabShard) -> RLVRLoop:
+    return RLVRLoop(trainer.cfg, tokenizer, chunks, trainer, shard, trainer.layout)

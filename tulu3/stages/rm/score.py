@@ -17,7 +17,7 @@ Collective: every rank of the job calls these (megatron's parallel state initial
 ``tulu3.parallel.init.setup_parallel``); each data-parallel replica scores its share and every
 rank gets all the scores, in input order. The model path may be a tulu3 reward-model checkpoint,
 a run directory (its latest checkpoint) or an HF ``LlamaForSequenceClassification`` directory
-(``tulu3.rm_export``'s output or a published RM such as allenai/Llama-3.1-Tulu-3-8B-RM).
+(``tulu3.stages.rm.export``'s output or a published RM such as allenai/Llama-3.1-Tulu-3-8B-RM).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class _ScoreStage:
 def load_reward_model(path: str | Path, model_cfg: ModelConfig, layout: ParallelLayout
                       ) -> tuple[list[torch.nn.Module], LlamaShape]:
     """Build ScalarHeadModel chunks shaped like the checkpoint and load it (eval mode)."""
-    from checkpoints_tools.load import checkpoint_shape
+    from tulu3.checkpoint.load import checkpoint_shape
     from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
 
     shape = checkpoint_shape(path)

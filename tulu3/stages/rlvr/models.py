@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from tulu3.checkpoint import TrainedModel
+from tulu3.checkpoint.training import TrainedModel
 from tulu3.config import Config
 from tulu3.model.build import build_model_chunks
 from tulu3.optim import build_optimizer
@@ -57,7 +57,7 @@ class ValueModel:
         source = cfg.rlvr.value_model or cfg.model.load
         model_cfg = cfg.model
         if cfg.rlvr.value_model:
-            from checkpoints_tools.load import checkpoint_shape
+            from tulu3.checkpoint.load import checkpoint_shape
 
             model_cfg = with_shape(dataclasses.replace(cfg.model, load=source),
                                    checkpoint_shape(source))

@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tulu3.stages import dpo_losses
 from tulu3.stages.base import metric
+from tulu3.stages.dpo import losses as dpo_losses
 from tulu3.stages.logprobs import VocabShard, token_logprobs
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkpoints_tools.format import disk_plan
-from checkpoints_tools.hf_config import (
+from tulu3.checkpoint.format import disk_plan
+from tulu3.checkpoint.hf_config import (
     copy_tokenizer,
     expected_hf_shapes,
     generation_config_for,
     hf_config_for,
 )
-from checkpoints_tools.hf_io import ShardedSafetensorsWriter, TensorSpec, output_files
+from tulu3.checkpoint.hf_io import ShardedSafetensorsWriter, TensorSpec, output_files
 from tulu3.model import hf_mapping
 from tulu3.model.presets import LlamaShape
 from tulu3.parallel.layout import ParallelLayout
@@ -95,7 +95,7 @@ def export_hf_from_chunks(chunks: list[torch.nn.Module], shape: LlamaShape,
     the tulu3.json of the checkpoint training started from) keep the source's rope scaling and
     token ids; ``tokenizer`` (an HF directory or a ``.model`` file) is copied when given.
     ``head="scalar"``: the chunks are reward/value models (``ScalarHeadModel``) and the
-    directory a LlamaForSequenceClassification (``tulu3.rm_export`` sets its pad token).
+    directory a LlamaForSequenceClassification (``tulu3.stages.rm.export`` sets its pad token).
     """
     groups = groups or ExportGroups.from_megatron()
     rank = dist.get_rank()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints_tools import ConversionError
+from tulu3.checkpoint.errors import ConversionError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -22,6 +22,7 @@ Metrics (over the global batch): ``loss``, ``accuracy`` (share of pairs with r_c
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -84,3 +85,14 @@ class RMStage:
             mean_sq = out.pop("reward_sq")
             out["reward_std"] = math.sqrt(max(mean_sq - out.get("reward_mean", 0.0) ** 2, 0.0))
         return out
+
+
+def build_loop(trainer: Any, tokenizer: Any, chunks: list, shard: Any) -> Any:
+    """The RM loop: the shared supervised loop over preference pairs with :class:`RMStage`."""
+    from tulu3.data.packing import collate_dpo
+    from tulu3.stages.supervised import SupervisedLoop
+
+    cfg = trainer.cfg
+    stage = RMStage(cfg.rm.margin, cfg.rm.center_coef)
+    return SupervisedLoop(cfg, "dpo", tokenizer, chunks, trainer, stage, collate_dpo,
+                          trainer.layout)

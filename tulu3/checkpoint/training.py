@@ -1,7 +1,7 @@
 """Training checkpoints: model + optimizer + scheduler + RNG + data position, written atomically.
 
     RUN_DIR/checkpoints/
-      step_N/            tulu3.json + model/ (checkpoints_tools.format), and
+      step_N/            tulu3.json + model/ (tulu3.checkpoint.format), and
         optimizer/       megatron dist_checkpointing of the optimizer (reshardable)
         trainer.json     step, scheduler, sampler position, counters (rank 0); the extra models'
                          schedulers under "extra": {NAME: {"scheduler": ...}}
@@ -33,8 +33,8 @@ import torch.distributed as dist
 # torch's DCP errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException
 
-from checkpoints_tools import ConversionError
-from checkpoints_tools.format import (
+from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.format import (
     META_FILE,
     load_model,
     make_meta,
@@ -83,7 +83,7 @@ def _barrier() -> None:
 
 
 def _model_sharded(ddp_chunks: list) -> dict:
-    from checkpoints_tools.format import model_sharded_state_dict
+    from tulu3.checkpoint.format import model_sharded_state_dict
 
     return model_sharded_state_dict([unwrap(c) for c in ddp_chunks])
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from checkpoints_tools import ConversionError
-from checkpoints_tools.format import is_tulu3_checkpoint, load_model, read_meta
-from checkpoints_tools.hf_config import (
+from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.format import is_tulu3_checkpoint, load_model, read_meta
+from tulu3.checkpoint.hf_config import (
     read_hf_config,
     read_optional_json,
     shape_from_hf_config,
 )
-from checkpoints_tools.hf_io import INDEX_FILE, SINGLE_FILE, HFReader
+from tulu3.checkpoint.hf_io import INDEX_FILE, SINGLE_FILE, HFReader
 from tulu3.model import hf_mapping
 from tulu3.model.presets import LlamaShape
 from tulu3.parallel.layout import ParallelLayout
@@ -85,7 +85,7 @@ def check_shape(found: LlamaShape, expected: LlamaShape, where: str | Path) -> N
     if diffs:
         raise ConversionError(f"model.load={where} does not match the model: " + "; ".join(diffs)
                               + " (set the model.* keys, or build the model from "
-                              "checkpoints_tools.load.checkpoint_shape)")
+                              "tulu3.checkpoint.load.checkpoint_shape)")
 
 
 def load_into_chunks(path: str | Path, chunks: list[torch.nn.Module], shape: LlamaShape,

@@ -38,7 +38,7 @@ from megatron.core import parallel_state as ps
 
 from tulu3.parallel.ddp import unwrap
 from tulu3.parallel.layout import ParallelLayout
-from tulu3.stages.dpo import REF_KEYS, ReferenceStage
+from tulu3.stages.dpo.stage import REF_KEYS, ReferenceStage
 from tulu3.step import run_schedule
 
 CACHE_VERSION = 1
@@ -113,7 +113,7 @@ def checkpoint_fingerprint(path: str | None, model_cfg: Any, seed: int) -> dict:
     a multi-TB checkpoint costs nothing to key), or the random-initialisation settings."""
     if path is None:
         return {"init": {"model": _jsonable(model_cfg), "seed": seed}}
-    from checkpoints_tools.load import resolve_checkpoint_dir
+    from tulu3.checkpoint.load import resolve_checkpoint_dir
 
     root = resolve_checkpoint_dir(path).resolve()
     files = []
@@ -207,7 +207,7 @@ def swapped_weights(chunks: list[torch.nn.Module], path: str, shape: Any,
                     layout: ParallelLayout) -> Iterator[None]:
     """Load the checkpoint ``path`` into the chunks for the duration of the block; the weights
     they held are kept on the host meanwhile and copied back afterwards."""
-    from checkpoints_tools.load import load_into_chunks
+    from tulu3.checkpoint.load import load_into_chunks
 
     modules = [unwrap(chunk) for chunk in chunks]
     saved = [[p.detach().to("cpu", copy=True) for p in m.parameters()] for m in modules]
@@ -252,14 +252,14 @@ def frozen_copy(model_cfg: Any, layout: ParallelLayout, chunks: list[torch.nn.Mo
     """A second set of this rank's chunks holding the reference weights (``path``, or a copy of
     ``chunks``' current weights): no DDP, eval mode, no gradients. The build does not move the
     global RNG streams the run draws from."""
-    from tulu3.checkpoint import rng_state, set_rng_state
+    from tulu3.checkpoint.training import rng_state, set_rng_state
     from tulu3.model.build import build_model_chunks
 
     state = rng_state()
     reference = build_model_chunks(model_cfg, layout)
     set_rng_state(state)
     if path is not None:
-        from checkpoints_tools.load import load_into_chunks
+        from tulu3.checkpoint.load import load_into_chunks
 
         load_into_chunks(path, reference, shape, layout)
     else:

@@ -1,0 +1,7 @@
+"""``python -m tulu3.eval``: generate with a policy, verify, report (tulu3.eval.generate)."""
+
+import sys
+
+from tulu3.eval.generate import main
+
+sys.exit(main())

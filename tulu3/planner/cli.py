@@ -1,0 +1,115 @@
+"""Parallel-layout planner CLI: which TP/PP/VPP/CP/DP to use for a stage on N GPUs.
+
+    python -m tulu3.plan --model llama3.1-405b --gpus 256 --stage dpo --seq-len 2048 \\
+        --global-batch 256 [--gpu h100-80gb] [--gpus-per-node 8] [--top 5] [--json]
+
+Prints the fastest layouts that fit, each as ``--set`` overrides for ``tulu3.train`` with its
+memory and step-time breakdown. The model and its assumptions are in docs/PLANNER.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from tulu3.planner import UNEVEN_KEYS, Candidate, PlanError, Problem, choose, search
+from tulu3.planner.hardware import GIB
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tulu3.plan", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--model", required=True, help="llama3.1-8b | llama3.1-70b | llama3.1-405b | tiny")
+    add("--gpus", type=int, required=True, help="GPUs in the job")
+    add("--stage", required=True, help="sft | dpo | rm | rlvr")
+    add("--seq-len", type=int, required=True, help="tokens per sequence (rlvr: prompt+response)")
+    add("--global-batch", type=int, required=True,
+        help="train.global_batch: sequences (sft), pairs (dpo, rm), prompts (rlvr)")
+    add("--micro-batch", type=int, default=1, help="train.micro_batch")
+    add("--gpu", default="h100-80gb", help="h100-80gb | h200-141gb | a100-80gb")
+    add("--gpus-per-node", type=int, default=8)
+    add("--top", type=int, default=5, help="layouts to print")
+    add("--json", action="store_true", help="machine-readable output")
+    add("--dpo-reference", default="cached", help="cached | online (a frozen copy in memory)")
+    add("--response-len", type=int, default=None, help="rlvr: generated tokens (seq-len // 2)")
+    add("--samples-per-prompt", type=int, default=1, help="rlvr")
+    add("--ppo-epochs", type=int, default=4, help="rlvr")
+    add("--value-model", default=None, help="rlvr: preset of the value model (the policy's)")
+    add("--spec", default="te", help="model.spec: te | torch (no CP) | local (no CP, unfused)")
+    add("--unfused-logprobs", action="store_true", help="model.fused_logprobs=false")
+    add("--mem-fraction", type=float, default=0.9, help="usable fraction of GPU memory")
+    add("--overhead-gib", type=float, default=2.0, help="CUDA/NCCL/allocator overhead per GPU")
+    return parser
+
+
+def problem_from_args(args: argparse.Namespace) -> Problem:
+    return Problem(model=args.model, stage=args.stage, gpus=args.gpus, seq_len=args.seq_len,
+                   global_batch=args.global_batch, micro_batch=args.micro_batch, gpu=args.gpu,
+                   gpus_per_node=args.gpus_per_node, dpo_reference=args.dpo_reference,
+                   response_len=args.response_len, samples_per_prompt=args.samples_per_prompt,
+                   ppo_epochs=args.ppo_epochs, value_model=args.value_model,
+                   spec=args.spec, fused_logprobs=not args.unfused_logprobs,
+                   mem_fraction=args.mem_fraction, overhead_gib=args.overhead_gib)
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f}"
+
+
+def format_candidate(index: int, cand: Candidate, problem: Problem) -> list[str]:
+    """Lines describing one ranked layout: title, overrides, memory and time breakdown."""
+    mem, time, lay = cand.memory, cand.time, cand.layout
+    micro_batches = problem.step_seqs // (lay.dp * problem.micro_seqs)
+    title = (f"#{index}  {lay.describe()}: step {time.total:.2f} s, peak {_gib(mem.total)} GiB "
+             f"(pipeline rank {mem.rank}), {micro_batches} micro-batches per step")
+    kinds = [(k, v) for k, v in mem.gib().items() if k != "total" and v > 0]
+    parts = [(k, v) for k, v in time.as_dict().items() if k != "total" and v > 0.0005]
+    lines = [title, f'    --set "{" ".join(lay.overrides(problem.micro_batch))}"',
+             "    memory GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds),
+             "    time s: " + ", ".join(f"{k} {v:.2f}" for k, v in parts)]
+    if lay.uneven:
+        lines.append(f"    uneven split: {problem.shape.layers} layers + embedding + loss over "
+                     f"PP{lay.pp} x VPP{lay.vpp}; needs {' and '.join(UNEVEN_KEYS)}")
+    return lines
+
+
+def render_text(problem: Problem, ranked: list[Candidate], considered: int, fitting: int) -> str:
+    nodes = max(1, problem.gpus // problem.gpus_per_node)
+    what = (f"{problem.model} {problem.stage}: {problem.gpus} x {problem.gpu} ({nodes} node(s)), "
+            f"seq {problem.seq_len}, global batch {problem.global_batch}, micro batch "
+            f"{problem.micro_batch}")
+    budget = (f"budget {_gib(problem.budget_bytes)} GiB per GPU ({problem.mem_fraction:g} x "
+              f"{_gib(problem.gpu_spec.hbm_bytes)} GiB); {considered} layouts considered, "
+              f"{fitting} fit; fastest first:")
+    body = [line for i, cand in enumerate(ranked, 1)
+            for line in [*format_candidate(i, cand, problem), ""]]
+    return "\n".join([what, budget, "", *body]).rstrip() + "\n"
+
+
+def render_json(problem: Problem, ranked: list[Candidate], considered: int, fitting: int) -> str:
+    out = {"problem": asdict(problem), "budget_gib": round(problem.budget_bytes / GIB, 3),
+           "considered": considered, "fitting": fitting,
+           "layouts": [cand.as_dict(problem) for cand in ranked]}
+    return json.dumps(out, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        problem = problem_from_args(args)
+        candidates = search(problem)
+        ranked = choose(problem, candidates, top=args.top)
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    fitting = sum(c.fits for c in candidates)
+    render = render_json if args.json else render_text
+    print(render(problem, ranked, len(candidates), fitting), end="" if not args.json else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
