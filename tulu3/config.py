@@ -151,7 +151,8 @@ class SFTConfig:
 @dataclass
 class DPOConfig:
     loss: str = "dpo_norm"
-    """dpo | dpo_norm (length-normalized, Tülu 3) | simpo | wpo | ipo (stages/dpo_losses.py)."""
+    """dpo | dpo_norm (length-normalized, Tülu 3) | simpo | wpo | ipo: the names of the registry
+    ``LOSSES`` in tulu3/stages/dpo/losses.py."""
     beta: float = 5.0
     """Inverse temperature of the loss (Tülu 3: 5 with dpo_norm; IPO's tau)."""
     gamma_beta_ratio: float = 0.3
@@ -216,7 +217,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
+def _dpo_losses() -> tuple[str, ...]:
+    """The registered preference losses, looked up only when ``dpo.loss`` is set (the registry
+    imports torch; this module stays cheap to import)."""
+    from tulu3.stages.dpo.losses import loss_names
+
+    return loss_names()
+
+
+CHOICES: dict[str, tuple[str, ...] | typing.Callable[[], tuple[str, ...]]] = {
     "model.spec": ("te", "torch", "local"),
     "model.dtype": ("fp32", "bf16"),
     "model.fp8": ("none", "delayed", "current", "mxfp8"),
@@ -224,7 +233,7 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "sft.loss_reduction": ("sum", "mean"),
-    "dpo.loss": ("dpo", "dpo_norm", "simpo", "wpo", "ipo"),
+    "dpo.loss": _dpo_losses,
     "dpo.reference_mode": ("cached", "online"),
     "rlvr.algo": ("ppo", "grpo"),
     "rlvr.rollout_backend": ("inprocess", "vllm"),
@@ -287,8 +296,11 @@ def _set(cfg: Config, path: str, value: Any) -> None:
                 return
             hints = typing.get_type_hints(type(node))
             value = _check_type(path, value, hints[name])
-            if path in CHOICES and value not in CHOICES[path]:
-                raise ConfigError(f"{path}: {value!r} is not one of {CHOICES[path]}")
+            if path in CHOICES:
+                choices = CHOICES[path]
+                choices = choices() if callable(choices) else choices
+                if value not in choices:
+                    raise ConfigError(f"{path}: {value!r} is not one of {choices}")
             setattr(node, name, value)
             return
         node = getattr(node, name)

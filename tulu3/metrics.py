@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,8 +13,8 @@ from typing import Any
 
 # --- status messages: the "tulu3" logger -----------------------------------------------------
 # Modules log with ``logging.getLogger(__name__)`` (children of "tulu3"); :func:`setup_logging`
-# shows INFO from rank 0 only and WARNING and above from every rank (prefixed with the rank), so
-# no call site checks the rank itself.
+# shows INFO and WARNING from rank 0 only and ERROR and above from every rank (prefixed with the
+# rank), so no call site checks the rank itself.
 
 
 class _RankFilter(logging.Filter):
@@ -24,14 +25,20 @@ class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.rank == 0:
             return True
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.ERROR:  # warnings are about the run: rank 0 says them once
             record.msg = f"(rank {self.rank}) {record.msg}"
             return True
         return False
 
 
-def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
-    """Send the "tulu3" logger to stdout as ``[tulu3] message`` (once per process)."""
+def setup_logging(rank: int | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Send the "tulu3" logger to stdout as ``[tulu3] message`` (once per process).
+
+    ``rank``: this process's global rank; by default torch.distributed's when a process group
+    exists, else torchrun's ``RANK`` (0 for a single process).
+    """
+    if rank is None:
+        rank = _process_rank()
     logger = logging.getLogger("tulu3")
     for handler in list(logger.handlers):
         if getattr(handler, "_tulu3", False):
@@ -44,6 +51,18 @@ def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
     logger.setLevel(level)
     logger.propagate = False
     return logger
+
+
+def _process_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+log = logging.getLogger(__name__)
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -113,8 +132,7 @@ class MetricsLogger:
         elapsed = time.monotonic() - self.start
         eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
         shown = " | ".join(f"{k} {_fmt(record[k])}" for k in self.PROGRESS_KEYS if k in record)
-        print(f"step {step}/{self.total_steps} | {shown} | ETA {_eta(eta)}", file=sys.stdout,
-              flush=True)
+        log.info(f"step {step}/{self.total_steps} | {shown} | ETA {_eta(eta)}")
 
     def close(self) -> None:
         if self._tb is not None:
@@ -127,7 +145,7 @@ def _tensorboard(log_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("train.tensorboard=true but tensorboard is not installed; skipping", flush=True)
+        log.warning("train.tensorboard=true but tensorboard is not installed; skipping")
         return None
     return SummaryWriter(str(log_dir))
 
@@ -136,7 +154,7 @@ def _wandb(project: str, name: str, config: dict | None) -> Any:
     try:
         import wandb
     except ImportError:
-        print("train.wandb is set but wandb is not installed; skipping", flush=True)
+        log.warning("train.wandb is set but wandb is not installed; skipping")
         return None
     wandb.init(project=project, name=name, config=config)
     return wandb

@@ -21,12 +21,6 @@ from tulu3.parallel.layout import ParallelLayout
 from tulu3.stages.base import Stage
 
 
-def pad_multiple(layout: ParallelLayout) -> int:
-    """Sequence lengths must divide by TP under sequence parallelism (and 2 x CP under CP)."""
-    multiple = layout.tp if layout.sequence_parallel else 1
-    return multiple * (2 * layout.cp if layout.cp > 1 else 1)
-
-
 def prepare(batch: dict, multiple: int = 1) -> dict:
     """Right-pad [b, s] tensors to a multiple of ``multiple`` and move them to the GPU if any."""
     seq = batch["tokens"].shape[1]
@@ -80,7 +74,7 @@ def run_schedule(chunks: list[torch.nn.Module], micro_batches: list[dict], stage
     ``loss_hook(batch, loss_sum, metrics)`` runs on the last pipeline stage for each micro-batch
     (NaN checks, caching reference log-probs).
     """
-    multiple = pad_multiple(layout)
+    multiple = layout.pad_multiple
     seq = max(-(-int(mb["tokens"].shape[1]) // multiple) * multiple for mb in micro_batches)
     forward_backward = get_forward_backward_func()
     iterators = [iter(micro_batches) for _ in chunks]
@@ -101,8 +95,9 @@ def reduce_metrics(store: list[dict], names: tuple[str, ...], layout: ParallelLa
                    local_tokens: int = 0) -> dict[str, float]:
     """Sum (sum, count) pairs over micro-batches and all ranks; value = sum / count.
 
-    Only last-stage ranks hold metrics; every TP x CP rank of one replica holds the same values,
-    so the world-wide sum is divided by tp x cp. A count of 0 marks a total. ``tokens`` (the
+    Only last-stage ranks hold metrics; several ranks of one replica hold the same values
+    (:attr:`ParallelLayout.metric_copies`: tp x cp), so the world-wide sum is divided by their
+    number. A count of 0 marks a total. ``tokens`` (the
     non-padding input tokens of the step) is counted on every rank of a replica, so it is also
     divided by pp.
     """
@@ -115,7 +110,7 @@ def reduce_metrics(store: list[dict], names: tuple[str, ...], layout: ParallelLa
         if torch.cuda.is_available():
             totals = totals.cuda()
         dist.all_reduce(totals)
-        totals = totals.cpu() / (layout.tp * layout.cp)
+        totals = totals.cpu() / layout.metric_copies
     out = {}
     for index, name in enumerate((*names, "tokens")):
         total, count = totals[index].tolist()

@@ -51,7 +51,7 @@ def dry_run(cfg, stage: str) -> str:  # noqa: ANN001 - Config
         cfg.model.vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
     layout = make_layout(cfg, world)
     shape = resolve_shape(cfg.model)
-    micro_batches = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
+    micro_batches = layout.micro_batches(cfg.train.global_batch, cfg.train.micro_batch)
     lines = [f"# tulu3.train --stage {stage} (dry run: nothing was started)",
              yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
              f"# layout: {layout.describe()}",

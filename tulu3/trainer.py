@@ -1,17 +1,20 @@
 """The loop every stage shares: build, load, resume, step, log, save, stop cleanly.
 
-A stage's *loop* (tulu3/loops/) supplies what differs: its data, its loss module and how one
-optimizer step is fed. Everything else (parallel set-up, model, megatron DDP + optimizer + LR
-schedule, checkpoints, signals, metrics, plots) is here, once.
+A stage's *loop* (``build_loop`` of tulu3/stages/) supplies what differs: its data, its loss
+module and how one optimizer step is fed. Everything else (parallel set-up, model, megatron
+DDP + optimizer + LR schedule, checkpoints, signals, metrics, plots) is here, once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,30 +27,16 @@ from tulu3.checkpoint.training import (
     save_checkpoint,
 )
 from tulu3.config import Config, ConfigError, save_config
-from tulu3.metrics import MetricsLogger
+from tulu3.metrics import MetricsLogger, setup_logging
 from tulu3.model.build import build_model_chunks
 from tulu3.model.presets import LlamaShape, flops_per_token, resolve_shape, with_shape
 from tulu3.optim import build_optimizer, schedule_changes
 from tulu3.parallel.ddp import unwrap, wrap_ddp
 from tulu3.parallel.init import setup_parallel
+from tulu3.stages.base import Loop
 from tulu3.step import any_rank
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-
-
-class Loop(Protocol):
-    """What a stage plugs into the trainer (tulu3/loops/*.py).
-
-    Optional: ``extra_models() -> dict[str, TrainedModel]``, the models besides the policy that
-    the loop trains (PPO: ``{"value": ...}``); checkpoints save and restore them with the policy
-    (tulu3/checkpoint.py). Frozen models (the reference policy) are not among them.
-    """
-
-    def total_steps(self) -> int: ...
-    def train_step(self, step: int) -> dict[str, Any]: ...
-    def evaluate(self) -> dict[str, float]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -58,6 +47,7 @@ class Trainer:
         self.stage = stage
         self.layout, self.groups = setup_parallel(cfg)
         self.rank = dist.get_rank()
+        setup_logging(self.rank)
         self.run_dir = Path(cfg.train.run_dir)
         self._stop_signal: int | None = None
 
@@ -101,15 +91,15 @@ class Trainer:
         if head == "scalar":
             from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
 
-            chunks = build_scalar_chunks(self.cfg.model, self.layout)
+            chunks = build_scalar_chunks(self.cfg.model, self.layout, self.groups)
             if self.cfg.model.load:
-                load_scalar_weights(self.cfg.model.load, chunks, shape, self.layout)
+                load_scalar_weights(self.cfg.model.load, chunks, shape, self.groups)
             return wrap_ddp(chunks, self.layout)
-        chunks = build_model_chunks(self.cfg.model, self.layout)
+        chunks = build_model_chunks(self.cfg.model, self.layout, self.groups)
         if self.cfg.model.load:
             from tulu3.checkpoint.load import load_into_chunks
 
-            load_into_chunks(self.cfg.model.load, chunks, shape, self.layout)
+            load_into_chunks(self.cfg.model.load, chunks, shape, self.groups)
         return wrap_ddp(chunks, self.layout)
 
     def build_optimizer(self, chunks: list, total_steps: int) -> None:
@@ -119,18 +109,37 @@ class Trainer:
     # --- running ------------------------------------------------------------------------------
 
     def fit(self, loop: Loop, chunks: list, shape: LlamaShape, tokenizer_path: str | None) -> dict:
-        """Run ``loop`` from the resumed step to its end; returns the last step's record."""
-        total = loop.total_steps()
-        start_step, counters = self._resume(loop, chunks, shape)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            print(f"[tulu3] {self.stage}: {self.layout.describe()}, steps {start_step}->{total}",
-                  flush=True)
-        logger = MetricsLogger(self.run_dir, total, self.rank == 0, start_step,
-                               self.cfg.train.tensorboard, self.cfg.train.wandb,
-                               self.cfg.to_dict())
-        self._install_signal_handlers()
+        """Run ``loop`` from the resumed step to its end; returns the last step's record.
+
+        Whether it returns or raises (a stop signal included), the loop is closed
+        (:func:`close_loop`), the metrics logger too, and the signal handlers it installed are
+        put back.
+        """
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(close_loop, loop)
+            total = loop.total_steps()
+            start_step, counters = self._resume(loop, chunks, shape)
+            if self.rank == 0:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            log.info(f"{self.stage}: {self.layout.describe()}, steps {start_step}->{total}")
+            logger = MetricsLogger(self.run_dir, total, self.rank == 0, start_step,
+                                   self.cfg.train.tensorboard, self.cfg.train.wandb,
+                                   self.cfg.to_dict())
+            cleanup.callback(logger.close)
+            cleanup.enter_context(stop_signal_handlers(self._on_stop_signal))
+            record = self._steps(loop, chunks, shape, tokenizer_path, start_step, total,
+                                 counters, logger)
+        if self.rank == 0 and self.cfg.train.plots and (self.run_dir / "metrics.jsonl").exists():
+            from tulu3.metrics import plot_run
+
+            plot_run(self.run_dir)
+        return record
+
+    def _steps(self, loop: Loop, chunks: list, shape: LlamaShape, tokenizer_path: str | None,
+               start_step: int, total: int, counters: dict, logger: MetricsLogger
+               ) -> dict[str, Any]:
+        """The optimizer steps start_step -> total, saves and the final eval."""
         train = self.cfg.train
         record: dict[str, Any] = {}
         step = start_step
@@ -149,7 +158,6 @@ class Trainer:
             if stopping or step == total or (train.save_every and step % train.save_every == 0):
                 self._save(step, loop, chunks, shape, counters, tokenizer_path)
             if stopping:
-                logger.close()
                 raise SystemExit(f"[tulu3] stopped by signal {self._stop_signal} after step "
                                  f"{step}; resume with train.resume=auto")
         if total > start_step and (train.eval_every or loop_has_eval(loop)):
@@ -157,11 +165,6 @@ class Trainer:
             if final_eval and self.rank == 0:
                 record.update({f"eval/{k}": v for k, v in final_eval.items()})
                 _rewrite_last(self.run_dir / "metrics.jsonl", record)
-        logger.close()
-        if self.rank == 0 and self.cfg.train.plots and (self.run_dir / "metrics.jsonl").exists():
-            from tulu3.metrics import plot_run
-
-            plot_run(self.run_dir)
         return record
 
     def _record(self, step: int, metrics: dict, seconds: float, counters: dict,
@@ -187,12 +190,11 @@ class Trainer:
                                 extra_models(loop))
         loop.load_state_dict(state["loop"])
         counters.update(state.get("counters", {}))
-        if self.rank == 0:
-            print(f"[tulu3] resumed from {path} at step {state['step']}", flush=True)
-            changes = schedule_changes(state["scheduler"], self.scheduler)
-            if changes:
-                print(f"[tulu3] the LR schedule follows this run's recipe, not the checkpoint's: "
-                      f"{', '.join(changes)}", flush=True)
+        log.info(f"resumed from {path} at step {state['step']}")
+        changes = schedule_changes(state["scheduler"], self.scheduler)
+        if changes:
+            log.info(f"the LR schedule follows this run's recipe, not the checkpoint's: "
+                     f"{', '.join(changes)}")
         return int(state["step"]), counters
 
     def _save(self, step: int, loop: Loop, chunks: list, shape: LlamaShape, counters: dict,
@@ -202,18 +204,13 @@ class Trainer:
                                {"loop": loop.state_dict(), "counters": counters,
                                 "stage": self.stage}, self.layout, self.cfg.model.dtype,
                                tokenizer_path, self.cfg.train.keep_last, extra_models(loop))
-        if self.rank == 0:
-            print(f"[tulu3] saved {path} ({time.monotonic() - started:.1f} s)", flush=True)
+        log.info(f"saved {path} ({time.monotonic() - started:.1f} s)")
 
     def _policy(self, chunks: list, shape: LlamaShape) -> TrainedModel:
         return TrainedModel(chunks, self.optimizer, self.scheduler, shape)
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
 
     def _should_stop(self) -> bool:
         """Any rank got SIGTERM/SIGINT -> every rank saves and stops after this step."""
@@ -221,6 +218,33 @@ class Trainer:
         if stopping and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM
         return stopping
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""The signals after which every rank saves and stops (:meth:`Trainer._should_stop`)."""
+
+
+@contextlib.contextmanager
+def stop_signal_handlers(handler: Callable[[int, Any], None],
+                         signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """``handler`` for ``signals`` while the block runs; the previous handlers are back after
+    it, whether it returns or raises."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        for sig in signals:
+            signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            # None: a handler not installed from Python; the default is the closest we can do
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+
+
+def close_loop(loop: Loop) -> None:
+    """Call the loop's ``close()`` if it has one (what it holds: RLVR's verifier pool)."""
+    close = getattr(loop, "close", None)
+    if close is not None:
+        close()
 
 
 def loop_has_eval(loop: Loop) -> bool:
@@ -245,8 +269,6 @@ def _peak_flops() -> float | None:
     """Dense bf16 peak of this GPU in FLOP/s (None on CPU or an unknown GPU)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    from tulu3.planner.hardware import peak_bf16_flops  # the planner's table
+
+    return peak_bf16_flops(torch.cuda.get_device_name())

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from tulu3.parallel.groups import ProcessGroups
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -63,7 +65,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, list, object]:
     init_model_parallel(layout, seed=0)
     shape = resolve_shape(cfg.model)
     hf = tiny_hf_llama(shape, seed=0)
-    chunks = build_model_chunks(cfg.model, layout)
+    chunks = build_model_chunks(cfg.model, layout, ProcessGroups.current())
     state = hf.state_dict()
     for chunk in chunks:
         hf_mapping.load_hf_into_chunk(chunk, state.__getitem__, shape, 0, 1)

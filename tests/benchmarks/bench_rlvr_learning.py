@@ -3,7 +3,7 @@
     python tests/benchmarks/bench_rlvr_learning.py [--seeds 1 2 3] [--steps 10] [--out DIR]
 
 One process (CPU): the tiny Llama is SFT-ed once on single-digit additions answered in two
-styles, only one of which the gsm8k verifier accepts (tests/trainer/rlvr_harness.py); then
+styles, only one of which the gsm8k verifier accepts (tests/stages/rlvr/rlvr_harness.py); then
 GRPO and PPO run from that checkpoint for every seed. Reported per run: the verified fraction
 of the rollouts (sampled, temperature 1) over the first and last 3 rollout batches, and the
 greedy accuracy on 40 eval prompts before (``tulu3.eval`` of the SFT checkpoint) and after (the
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).parents[1] / "trainer")]
+sys.path[:0] = [str(Path(__file__).parents[1] / d) for d in ("trainer", "stages/rlvr")]
 
 from rlvr_harness import learn, make_data  # noqa: E402
 

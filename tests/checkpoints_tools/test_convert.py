@@ -185,3 +185,34 @@ def test_command_lines(tmp_path, hf_bf16, capsys):
     assert hf_to_megatron.main(["--hf-dir", str(hf_bf16), "--out", str(tmp_path / "x"),
                                 "--tp", "3", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: --tp=3 does not divide")
+
+
+def _snapshot(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_failed_conversion_leaves_output_as_it_was(tmp_path, hf_bf16):
+    """A source that is corrupt past its metadata (a truncated .distcp / safetensors shard) is
+    found only while converting: ``--force`` must not have deleted the old output by then, and a
+    failed first conversion must leave no partial ``--out`` (nor a hidden staging folder)."""
+    ckpt, export = tmp_path / "ckpt", tmp_path / "export"
+    hf_to_megatron.convert(hf_bf16, ckpt, 1, 1, quiet=True)
+    megatron_to_hf.export(ckpt, export, quiet=True)
+    before = _snapshot(export)
+    shard = max((ckpt / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(BaseException):  # noqa: B017 - torch's DCP errors are BaseExceptions
+        megatron_to_hf.export(ckpt, export, force=True, quiet=True)
+    assert _snapshot(export) == before
+    with pytest.raises(BaseException):  # noqa: B017
+        reshard.reshard(ckpt, tmp_path / "resharded", 2, 1, quiet=True)
+    broken_hf = tmp_path / "hf"
+    broken_hf.mkdir()
+    for path in hf_bf16.iterdir():
+        data = path.read_bytes()
+        (broken_hf / path.name).write_bytes(data[: len(data) - 1000] if path.suffix ==
+                                            ".safetensors" else data)
+    with pytest.raises(BaseException):  # noqa: B017
+        hf_to_megatron.convert(broken_hf, tmp_path / "new", 1, 1, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "export", "hf"]

@@ -31,6 +31,9 @@ from ckpt_testlib import (
 from checkpoints_tools import hf_to_megatron, megatron_to_hf, reshard
 from tulu3.checkpoint.dcp_io import DistReader
 from tulu3.checkpoint.format import read_meta
+from tulu3.parallel.groups import ProcessGroups
+
+pytestmark = pytest.mark.distributed
 
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -45,7 +48,7 @@ def _build(shape, tp: int, pp: int, vpp: int, spec: str):
     init_model_parallel(layout, seed=0)
     cfg = ModelConfig(preset="tiny", vocab=shape.vocab, tied_embeddings=shape.tied_embeddings,
                       spec=spec)
-    return build_model_chunks(cfg, layout), layout
+    return build_model_chunks(cfg, layout, ProcessGroups.current()), layout
 
 
 def _logits_diff(chunks, ref: torch.Tensor) -> float | None:
@@ -62,26 +65,27 @@ def _tp2pp2(paths: dict, ref: torch.Tensor) -> dict:
     from tulu3.checkpoint.load import load_into_chunks
 
     chunks, layout = _build(SHAPE, 2, 2, 1, "torch")
+    groups = ProcessGroups.current()
     tp_rank = ps.get_tensor_model_parallel_rank()
-    kind = load_into_chunks(paths["converted"], chunks, SHAPE, layout)
+    kind = load_into_chunks(paths["converted"], chunks, SHAPE, groups)
     hf = hf_tensors(paths["hf"])
     result = {"kind": kind, "bad": mismatched_params(chunks, hf, SHAPE, tp_rank, 2),
               "logits_diff": _logits_diff(chunks, ref)}
     fresh, _ = _build(SHAPE, 2, 2, 1, "torch")
-    result["hf_kind"] = load_into_chunks(paths["hf"], fresh, SHAPE, layout)
+    result["hf_kind"] = load_into_chunks(paths["hf"], fresh, SHAPE, groups)
     result["hf_path_bad"] = mismatched_params(fresh, hf, SHAPE, tp_rank, 2)
     save_model(chunks, paths["saved"])
     if dist.get_rank() == 0:
         write_meta(paths["saved"], make_meta(SHAPE, 2, 2, 1, "fp32", step=3,
                                              hf_config=read_hf_config(paths["hf"])))
         (paths["saved"] / "optimizer").mkdir()  # as the trainer's: reshard must say it drops it
-    export_hf_from_chunks(chunks, SHAPE, layout, paths["exported"],
+    export_hf_from_chunks(chunks, SHAPE, layout, paths["exported"], groups=groups,
                           hf_config=read_hf_config(paths["hf"]), tokenizer=paths["hf"])
     # The tied model, converted for PP2xVPP2, loads here at TP2xPP2 as it is (no reshard).
     tied, _ = _build(TIED, 2, 2, 1, "torch")
-    load_into_chunks(paths["converted_tied"], tied, TIED, layout)
+    load_into_chunks(paths["converted_tied"], tied, TIED, groups)
     result["tied_bad"] = mismatched_params(tied, hf_tensors(paths["hf_tied"]), TIED, tp_rank, 2)
-    export_hf_from_chunks(tied, TIED, layout, paths["exported_tied_tp2pp2"])
+    export_hf_from_chunks(tied, TIED, layout, paths["exported_tied_tp2pp2"], groups=groups)
     return result
 
 
@@ -91,7 +95,8 @@ def _pp2vpp2(paths: dict, ref_tied: torch.Tensor) -> dict:
     from tulu3.checkpoint.load import load_into_chunks
 
     chunks, layout = _build(TIED, 1, 2, 2, "local")
-    load_into_chunks(paths["converted_tied"], chunks, TIED, layout)
+    groups = ProcessGroups.current()
+    load_into_chunks(paths["converted_tied"], chunks, TIED, groups)
     hf_tied = hf_tensors(paths["hf_tied"])
     result = {"bad": mismatched_params(chunks, hf_tied, TIED, 0, 1),
               "logits_diff": _logits_diff(chunks, ref_tied),
@@ -100,11 +105,11 @@ def _pp2vpp2(paths: dict, ref_tied: torch.Tensor) -> dict:
     save_model(chunks, paths["saved_tied"])
     if dist.get_rank() == 0:
         write_meta(paths["saved_tied"], make_meta(TIED, 1, 2, 2, "fp32"))
-    export_hf_from_chunks(chunks, TIED, layout, paths["exported_tied"])
+    export_hf_from_chunks(chunks, TIED, layout, paths["exported_tied"], groups=groups)
     untied, layout = _build(SHAPE, 1, 2, 2, "local")
-    load_into_chunks(paths["resharded"], untied, SHAPE, layout)
+    load_into_chunks(paths["resharded"], untied, SHAPE, groups)
     result["resharded_bad"] = mismatched_params(untied, hf_tensors(paths["hf"]), SHAPE, 0, 1)
-    export_hf_from_chunks(untied, SHAPE, layout, paths["exported_pp2vpp2"])
+    export_hf_from_chunks(untied, SHAPE, layout, paths["exported_pp2vpp2"], groups=groups)
     return result
 
 

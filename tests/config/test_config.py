@@ -75,6 +75,7 @@ def test_bad_layouts_name_the_value(overrides: list[str], world: int, message: s
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.distributed
 def test_dry_run_through_torchrun_prints_config_and_layout() -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                "-m", "tulu3.train", "--stage", "sft", "--config",

@@ -105,6 +105,7 @@ def _tp2_triton():
     return interpreted()
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(ON_GPU, reason="gloo ranks hold CPU tensors: interpreter only")
 def test_tp2_triton_matches_full_vocab_reference():
     assert run_distributed_test(_tp2_triton, 2) == [True, True]

@@ -1,6 +1,7 @@
 """Vocab-parallel log-probs (sharded logits, and the fused path) at TP1 and TP2 against the
 single-process full-vocabulary oracle. One 2-rank launch runs all TP checks (start-up is slow)."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -83,6 +84,7 @@ def test_tp1_logits_path_without_group():
             _logits_path(p, None, 0, V, with_entropy, dtype)
 
 
+@pytest.mark.distributed
 def test_tp2_and_tp1_groups_match_full_vocab_reference():
     shard_sizes = run_distributed_test(_tp_checks, 2)
     assert shard_sizes == [51, 50]

@@ -10,7 +10,7 @@ import pytest
 from tulu3.config import ParallelConfig, load_config
 from tulu3.model.presets import PRESETS
 from tulu3.parallel.layout import LayoutError, make_layout
-from tulu3.planner import Layout, Problem, plan
+from tulu3.planner import Problem, plan
 from tulu3.planner.pipeline import split_kind
 from tulu3.planner.search import evaluate
 
@@ -92,9 +92,8 @@ def test_default_layout_is_valid_and_planned(size, stage):
             assert par.account_for_loss_in_pipeline_split
         make_layout(cfg, GPUS[size])
     problem = _problem(cfg, size, stage)
-    dp = GPUS[size] // (par.tp * par.pp * par.cp)
-    layout = Layout(par.tp, par.pp, par.vpp, par.cp, dp, par.sequence_parallel,
-                    par.distributed_optimizer, cfg.model.recompute, needs_uneven)
-    assert evaluate(problem, layout).fits
-    best = [c.layout for c in plan(problem, top=3)]
-    assert layout in best, f"{layout.describe()} is not among {[b.describe() for b in best]}"
+    layout = make_layout(cfg, GPUS[size])
+    assert evaluate(problem, layout, cfg.model.recompute).fits
+    best = [(c.layout, c.recompute) for c in plan(problem, top=3)]
+    assert (layout, cfg.model.recompute) in best, \
+        f"{layout.describe()} is not among {[b.describe() for b, _ in best]}"

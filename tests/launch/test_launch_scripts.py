@@ -145,6 +145,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_torchrun_starts_four_cpu_ranks(sandbox):
     """The real launcher on CPU: 4 gloo processes resolve the tiny recipe (--dry-run, ~10 s)."""
     recipe = REPO / "launch/recipes/tiny-sft.yaml"
@@ -157,6 +158,7 @@ def test_torchrun_starts_four_cpu_ranks(sandbox):
     assert "layout: TP2xPP2xDP1" in (sandbox["tmp"] / "logs" / "node0.log").read_text()
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(os.environ.get("TULU3_E2E") != "1",
                     reason="about 60 s on 2 CPU cores; set TULU3_E2E=1 to run")
 def test_tiny_sft_end_to_end_on_cpu(sandbox):

@@ -11,6 +11,7 @@ from tulu3.config import load_config
 from tulu3.model import hf_mapping
 from tulu3.model.build import build_model_chunks
 from tulu3.model.presets import param_count, resolve_shape
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import make_layout
 from tulu3.testing import run_distributed_test, tiny_hf_llama
 
@@ -23,7 +24,7 @@ def _logits(overrides: list[str], hf_overrides: dict, packed: bool, seq: int = 4
     init_model_parallel(layout, seed=1)
     shape = resolve_shape(cfg.model)
     hf = tiny_hf_llama(dataclasses.replace(shape, **hf_overrides), seed=3)
-    (model,) = build_model_chunks(cfg.model, layout)
+    (model,) = build_model_chunks(cfg.model, layout, ProcessGroups.current())
     hf_mapping.load_hf_into_chunk(model, hf.state_dict().__getitem__, shape, 0, 1)
     model.eval()
     torch.manual_seed(0)

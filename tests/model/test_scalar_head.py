@@ -15,6 +15,7 @@ import pytest
 import torch
 from parity_harness import max_diff, merge
 
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.testing import run_distributed_test
 
 if TYPE_CHECKING:
@@ -84,8 +85,8 @@ def _train(world: int, hf_dir: str, overrides: list[str], steps: int = 2) -> dic
     layout = make_layout(cfg, world)
     init_model_parallel(layout, seed=1234)
     shape = resolve_shape(cfg.model)
-    chunks = build_scalar_chunks(cfg.model, layout)
-    load_scalar_weights(hf_dir, chunks, shape, layout)
+    chunks = build_scalar_chunks(cfg.model, layout, ProcessGroups.current())
+    load_scalar_weights(hf_dir, chunks, shape, ProcessGroups.current())
     ddp = wrap_ddp(chunks, layout)
     optimizer, scheduler = build_optimizer(cfg, ddp, total_steps=10)
     ddp[0].config.grad_scale_func = optimizer.scale_loss
@@ -180,8 +181,8 @@ def _rm_checkpoint_round_trip(model: torch.nn.Module, model_cfg: ModelConfig,
     before = _scores(model, tokens)
     save_model([model], ckpt)
     write_meta(ckpt, make_meta(shape, 1, 1, 1, "fp32", head="scalar"))
-    (fresh,) = build_scalar_chunks(model_cfg, layout)
-    load_scalar_weights(ckpt, [fresh], shape, layout)
+    (fresh,) = build_scalar_chunks(model_cfg, layout, ProcessGroups.current())
+    load_scalar_weights(ckpt, [fresh], shape, ProcessGroups.current())
     fresh.eval()
     return {"rm_ckpt_diff": float((_scores(fresh, tokens) - before).abs().max()),
             "rm_ckpt_scale": float(before.abs().max())}
@@ -197,7 +198,7 @@ def _save_policy(model_cfg: ModelConfig, layout: ParallelLayout, shape: LlamaSha
     from tulu3.testing import tiny_hf_llama
 
     hf_lm = tiny_hf_llama(shape, seed=4)
-    (policy,) = build_model_chunks(model_cfg, layout)
+    (policy,) = build_model_chunks(model_cfg, layout, ProcessGroups.current())
     hf_mapping.load_hf_into_chunk(policy, hf_lm.state_dict().__getitem__, shape, 0, 1)
     save_model([policy], ckpt)
     write_meta(ckpt, make_meta(shape, 1, 1, 1, "fp32"))
@@ -210,10 +211,10 @@ def _scalar_model_from_policy(model_cfg: ModelConfig, layout: ParallelLayout,
     initialised (not left as it was)."""
     from tulu3.model.scalar_head import build_scalar_chunks, init_value_head, load_scalar_weights
 
-    (value,) = build_scalar_chunks(model_cfg, layout)
+    (value,) = build_scalar_chunks(model_cfg, layout, ProcessGroups.current())
     with torch.no_grad():
         value.value_head.weight.fill_(7.0)  # must be re-initialised, not left as is
-    load_scalar_weights(ckpt, [value], shape, layout)
+    load_scalar_weights(ckpt, [value], shape, ProcessGroups.current())
     backbone = dict(policy.named_parameters())
     backbone_diff = max(float((p - backbone[n]).abs().max())
                         for n, p in value.named_parameters() if n != "value_head.weight")
@@ -252,9 +253,9 @@ def _single(root: str) -> dict:
     shape = _shape()
     root_dir = Path(root)
     hf_cls = _hf_classifier(shape, root_dir / "hf_cls")
-    (model,) = build_scalar_chunks(cfg.model, layout)
+    (model,) = build_scalar_chunks(cfg.model, layout, ProcessGroups.current())
     out = _head_in_place_of_output_layer(model)
-    assert load_scalar_weights(root_dir / "hf_cls", [model], shape, layout) == "hf"
+    assert load_scalar_weights(root_dir / "hf_cls", [model], shape, ProcessGroups.current()) == "hf"
     model.eval()
     tokens, seq_ids = _padded_tokens()
     out.update(_scores_against_transformers(model, hf_cls, tokens, seq_ids))
@@ -326,6 +327,7 @@ def _run_all(world: int, hf_dir: str, layouts: list[list[str]]) -> list[dict]:
     return [_train(world, hf_dir, overrides) for overrides in layouts]
 
 
+@pytest.mark.distributed
 def test_four_rank_layouts_equal_single_process(single: dict) -> None:
     hf_dir = str(Path(single["root"]) / "hf_lm")
     results = run_distributed_test(_run_all, 4, 4, hf_dir, list(FOUR_RANKS.values()))
@@ -333,6 +335,7 @@ def test_four_rank_layouts_equal_single_process(single: dict) -> None:
         _check(name, [rank[index] for rank in results], single)
 
 
+@pytest.mark.distributed
 def test_dp2_equals_single_process(single: dict) -> None:
     hf_dir = str(Path(single["root"]) / "hf_lm")
     results = run_distributed_test(_run_all, 2, 2, hf_dir, [[]])

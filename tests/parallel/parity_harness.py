@@ -19,6 +19,7 @@ from tulu3.model.build import build_model_chunks
 from tulu3.model.presets import resolve_shape
 from tulu3.optim import build_optimizer
 from tulu3.parallel.ddp import unwrap, wrap_ddp
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.init import init_model_parallel
 from tulu3.parallel.layout import ParallelLayout, make_layout
 from tulu3.stages.base import Stage
@@ -86,7 +87,7 @@ def setup_layout(world: int, overrides: list[str], micro_batch: int = 1,
     init_model_parallel(layout, seed=1234)
     shape = resolve_shape(cfg.model)
     hf_state = tiny_hf_llama(shape, seed=0).state_dict()
-    chunks = build_model_chunks(cfg.model, layout)
+    chunks = build_model_chunks(cfg.model, layout, ProcessGroups.current())
     tp_rank = ps.get_tensor_model_parallel_rank()
     for chunk in chunks:
         hf_mapping.load_hf_into_chunk(chunk, hf_state.__getitem__, shape, tp_rank, layout.tp)

@@ -14,6 +14,8 @@ from parity_harness import max_diff, merge, run_layout
 from tulu3.parallel.layout import LayoutError
 from tulu3.testing import run_distributed_test
 
+pytestmark = pytest.mark.distributed
+
 TOL = 1e-5
 TWO_RANKS = {
     "TP2": ["parallel.tp=2"],

@@ -25,6 +25,10 @@ CASES = [
     ("The answer is 1,000.", "1000", True),                    # thousands separator in response
     ("The answer is 1000.", "1,000", True),                    # ... and in the ground truth
     ("It costs 1,234,567 dollars", "1234567", True),
+    ("It costs 1,23,456 rupees", "123456", True),              # Indian (lakh) grouping
+    ("It costs 12,34,56,789 rupees", "123456789", True),
+    ("It costs 1,23,456 rupees", "23456", False),              # not read as "23,456"
+    ("Pick 1,2", "2", True),                                   # no grouping: two numbers
     ("It costs $1,234.50 in total.", "1234.5", True),          # $ and cents
     ("He pays $18.", "18", True),
     ("He pays $ 18", "18", True),

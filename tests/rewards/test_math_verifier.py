@@ -9,6 +9,14 @@ from tulu3.rewards.math_verifier import answers_match, extract_answer
 
 # (response, ground_truth, expected correct)
 CASES = [
+    # A short left-hand side (MATH's normalization drops one of up to two characters) and, when
+    # the ground truth is a bare value, the value after "=" (hand-checked).
+    (r"so \boxed{BC=12}", "12", True),
+    (r"so \boxed{AB = 5}", "5", True),
+    (r"so \boxed{a+b=5}", "5", True),
+    (r"so \boxed{a+b=6}", "5", False),
+    (r"so \boxed{a+b=5}", "a+b=5", True),
+    (r"so \boxed{ABC=12}", "ABC=13", False),
     # fractions: \frac, \dfrac, \tfrac, shorthand, decimals, slashes
     (r"So the answer is $\boxed{\frac{1}{2}}$.", "0.5", True),
     (r"$\boxed{0.5}$", r"\frac{1}{2}", True),

@@ -218,6 +218,7 @@ def _score_inside_rank() -> list[float]:
     return [correct.item()]
 
 
+@pytest.mark.distributed
 def test_pool_inside_a_torch_distributed_process() -> None:
     from tulu3.testing import run_distributed_test
 

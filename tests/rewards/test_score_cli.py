@@ -92,3 +92,19 @@ def test_pass_at_k_by_dataset() -> None:
     assert math.isclose(out["math"]["pass@4"], 0.5)
     assert out["gsm8k"] == {"pass@1": 1.0, "pass@2": 1.0}  # k=4 > 2 samples: skipped
     assert math.isclose(out["all"]["pass@1"], (0.25 + 0.0 + 1.0) / 3)
+
+
+def test_score_onto_its_own_input_keeps_every_row(tmp_path, capsys) -> None:
+    """``score X --out X`` (issue: it emptied X and reported "0 scored"): X ends up holding the
+    scored rows; a missing input is one line and exit 2, with nothing written."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert main(["score", str(path), "--out", str(path), "--workers", "1"]) == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == len(ROWS) and all("reward" in r for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no temporary left
+    capsys.readouterr()
+    missing = tmp_path / "missing.jsonl"
+    assert main(["score", str(missing), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {missing}: no such file"
+    assert not (tmp_path / "o.jsonl").exists()

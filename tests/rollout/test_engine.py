@@ -9,6 +9,8 @@ import torch
 
 from tulu3.testing import run_distributed_test, tiny_hf_llama
 
+pytestmark = pytest.mark.distributed
+
 VOCAB = 500  # not a multiple of 128 x TP: the output layer has padded rows
 NEW = 12
 EOS = list(range(3, VOCAB, 25))  # 20 stop ids: some rows stop early, some run to NEW
@@ -53,16 +55,19 @@ def _generate(overrides: list[str], state: dict) -> dict:
     from tulu3.config import load_config
     from tulu3.model import hf_mapping
     from tulu3.model.build import build_model_chunks
+    from tulu3.parallel.groups import ProcessGroups
     from tulu3.parallel.init import init_model_parallel
     from tulu3.parallel.layout import make_layout
-    from tulu3.rollout import SamplingParams, generate
+    from tulu3.rollout import PipelineComm, SamplingParams, generate
 
     cfg = load_config(None, [f"model.vocab={VOCAB}", "train.global_batch=4", *overrides])
     layout = make_layout(cfg, 4)
     init_model_parallel(layout, seed=1234)
     shape = _shape()
-    chunks = build_model_chunks(cfg.model, layout)
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    groups = ProcessGroups.current()
+    chunks = build_model_chunks(cfg.model, layout, groups)
+    tp_rank = groups.tp_rank
+    comm = PipelineComm.from_groups(groups)
     for chunk in chunks:
         hf_mapping.load_hf_into_chunk(chunk, state.__getitem__, shape, tp_rank, layout.tp)
     _poison_padding(chunks, tp_rank)
@@ -70,12 +75,13 @@ def _generate(overrides: list[str], state: dict) -> dict:
     greedy = SamplingParams(NEW)
     sampled = SamplingParams(NEW, temperature=1.0, top_p=0.9, seed=5)
     out = {
-        "cache": generate(chunks, items, greedy, VOCAB, EOS),
-        "recompute": generate(chunks, items, greedy, VOCAB, EOS, use_cache=False),
-        "sampled": generate(chunks, items, sampled, VOCAB, EOS),
-        "sampled_again": generate(chunks, items, sampled, VOCAB, EOS, batch_size=4),
+        "cache": generate(chunks, items, greedy, VOCAB, EOS, comm=comm),
+        "recompute": generate(chunks, items, greedy, VOCAB, EOS, use_cache=False, comm=comm),
+        "sampled": generate(chunks, items, sampled, VOCAB, EOS, comm=comm),
+        "sampled_again": generate(chunks, items, sampled, VOCAB, EOS, batch_size=4,
+                                  comm=comm),
         "sampled_reversed": generate(chunks, items[::-1], sampled, VOCAB, EOS,
-                                     keys=list(range(len(items)))[::-1])[::-1],
+                                     keys=list(range(len(items)))[::-1], comm=comm)[::-1],
         "sequence_parallel_restored": chunks[0].config.sequence_parallel
         == cfg.parallel.sequence_parallel,
         "training_restored": all(c.training for c in chunks),

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.stages.logprobs import VocabShard
 from tulu3.stages.sft import SFTStage
 
@@ -72,7 +73,7 @@ def _nan_step(skip: bool) -> dict:
     cfg = load_config(None, [f"model.vocab={VOCAB}", "train.global_batch=2"])
     layout = make_layout(cfg, 1)
     init_model_parallel(layout, seed=1)
-    ddp = wrap_ddp(build_model_chunks(cfg.model, layout), layout)
+    ddp = wrap_ddp(build_model_chunks(cfg.model, layout, ProcessGroups.current()), layout)
     optimizer, scheduler = build_optimizer(cfg, ddp, total_steps=4)
     stage = SFTStage(VocabShard(ps.get_tensor_model_parallel_group(), 0, VOCAB), fused=False)
     original = stage.loss

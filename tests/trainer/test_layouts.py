@@ -10,6 +10,8 @@ from trainer_harness import run_many, sft_overrides, tiny_data
 from tulu3.metrics import read_metrics
 from tulu3.testing import run_distributed_test
 
+pytestmark = pytest.mark.distributed
+
 LAYOUTS_4 = {
     "TP2xPP2": ["parallel.tp=2", "parallel.pp=2"],
     "TP2xDP2 distributed optimizer": ["parallel.tp=2", "parallel.distributed_optimizer=true"],

@@ -18,6 +18,8 @@ from trainer_harness import losses, run_many, sft_overrides, tiny_data
 
 from tulu3.testing import free_port, run_distributed_test
 
+pytestmark = pytest.mark.distributed
+
 LAYOUT = ["parallel.tp=1", "parallel.pp=1", "parallel.distributed_optimizer=true",
           "train.max_steps=8", "train.save_every=2"]
 

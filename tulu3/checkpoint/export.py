@@ -10,7 +10,6 @@ safetensors shards. Rank 0 holds one global tensor at a time, never the model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +26,16 @@ from tulu3.checkpoint.hf_config import (
 from tulu3.checkpoint.hf_io import ShardedSafetensorsWriter, TensorSpec, output_files
 from tulu3.model import hf_mapping
 from tulu3.model.presets import LlamaShape
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
 
 HF_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-@dataclass(frozen=True)
-class ExportGroups:
-    """The process groups the export needs, passed in rather than looked up deep inside."""
-
-    tp_group: Any
-    tp_rank: int
-    holds_weights: bool  # data- and context-parallel rank 0: the copy that is exported
-
-    @classmethod
-    def from_megatron(cls) -> ExportGroups:
-        from megatron.core import parallel_state as ps
-
-        return cls(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(),
-                   ps.get_data_parallel_rank(with_context_parallel=True) == 0)
-
-
-def _local_tensors(chunks: list[torch.nn.Module], shape: LlamaShape, groups: ExportGroups
+def _local_tensors(chunks: list[torch.nn.Module], shape: LlamaShape, groups: ProcessGroups
                    ) -> dict[str, tuple[hf_mapping.Rule, torch.Tensor]]:
     """This rank's TP pieces keyed by their first HF name (spec-independent identity)."""
-    if not groups.holds_weights:
+    if not groups.first_replica:
         return {}
     out = {}
     for chunk in chunks:
@@ -64,7 +48,7 @@ def _local_tensors(chunks: list[torch.nn.Module], shape: LlamaShape, groups: Exp
     return out
 
 
-def _owners(local: dict, groups: ExportGroups) -> dict[str, int]:
+def _owners(local: dict, groups: ProcessGroups) -> dict[str, int]:
     """First HF name -> global rank that sends it to rank 0 (its TP group's rank 0)."""
     mine = list(local) if groups.tp_rank == 0 else []
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
@@ -72,32 +56,32 @@ def _owners(local: dict, groups: ExportGroups) -> dict[str, int]:
     return {name: rank for rank, names in enumerate(gathered) for name in names or []}
 
 
-def _gather_tp(rule: hf_mapping.Rule, piece: torch.Tensor, groups: ExportGroups,
+def _gather_tp(rule: hf_mapping.Rule, piece: torch.Tensor, groups: ProcessGroups,
                tp: int) -> torch.Tensor:
     if tp == 1:
         return piece
     pieces = [torch.empty_like(piece) for _ in range(tp)]
-    dist.all_gather(pieces, piece.contiguous(), group=groups.tp_group)
+    dist.all_gather(pieces, piece.contiguous(), group=groups.tp)
     return hf_mapping.unshard(rule, pieces)
 
 
 def export_hf_from_chunks(chunks: list[torch.nn.Module], shape: LlamaShape,
                           layout: ParallelLayout, out_dir: str | Path, *,
+                          groups: ProcessGroups,
                           dtype: torch.dtype | None = None,
                           hf_config: dict[str, Any] | None = None,
                           hf_generation_config: dict[str, Any] | None = None,
                           tokenizer: str | Path | None = None,
-                          max_shard_bytes: int = 5 * 2**30,
-                          groups: ExportGroups | None = None, head: str = "lm") -> None:
+                          max_shard_bytes: int = 5 * 2**30, head: str = "lm") -> None:
     """Write an HF LlamaForCausalLM directory from the live model (every rank calls this).
 
     ``dtype`` defaults to the parameters'; ``hf_config`` / ``hf_generation_config`` (e.g. from
     the tulu3.json of the checkpoint training started from) keep the source's rope scaling and
     token ids; ``tokenizer`` (an HF directory or a ``.model`` file) is copied when given.
+    ``groups``: this rank's process groups (TP gather; DP/CP rank 0 holds the exported copy).
     ``head="scalar"``: the chunks are reward/value models (``ScalarHeadModel``) and the
     directory a LlamaForSequenceClassification (``tulu3.stages.rm.export`` sets its pad token).
     """
-    groups = groups or ExportGroups.from_megatron()
     rank = dist.get_rank()
     local = _local_tensors(chunks, shape, groups)
     owners = _owners(local, groups)

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,19 +210,46 @@ def check_layout(shape: LlamaShape, tp: int, pp: int, vpp: int) -> None:
 # --- reading and writing directories -------------------------------------------------------
 
 
-def prepare_output(out: Path, force: bool, ours: list[Path]) -> None:
-    """Refuse a non-empty ``out`` unless ``force``; with force remove only what we write."""
+def check_output(out: Path, force: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``force`` (before any expensive work)."""
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ConversionError(f"--out {out} is not empty (use --force to overwrite)")
-        for path in ours:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConversionError(f"--out {out} is not empty (use --force to overwrite)")
+
+
+@contextmanager
+def staged_output(out: Path, force: bool, ours: Callable[[Path], list[Path]]) -> Iterator[Path]:
+    """Write a conversion into a hidden sibling of ``out``; replace ``out``'s files only when
+    the body succeeds. A source that turns out corrupt half-way, a full disk or Ctrl-C leave
+    ``out`` exactly as it was (an old export included) and no partial directory behind.
+
+    ``ours(out)`` lists what a previous run of the same tool wrote there: with ``force`` those
+    paths are removed just before the new files move in; nothing else in ``out`` is touched.
+    """
+    check_output(out, force)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     out.mkdir(parents=True, exist_ok=True)
+    for path in ours(out):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for item in stage.iterdir():
+        os.replace(item, out / item.name)
+    stage.rmdir()
+
+
+def model_files(out: Path) -> list[Path]:
+    """What a converter writes in a tulu3 checkpoint directory (``--force`` replaces these)."""
+    return [out / MODEL_DIR, out / META_FILE]
 
 
 def check_checkpoint(reader: DistReader, meta: CheckpointMeta) -> None:

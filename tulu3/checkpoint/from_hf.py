@@ -22,14 +22,15 @@ from tulu3.checkpoint.dcp_io import DistWriter
 from tulu3.checkpoint.errors import ConversionError
 from tulu3.checkpoint.format import (
     DTYPE_NAMES,
-    META_FILE,
     MODEL_DIR,
     check_layout,
+    check_output,
     disk_plan,
     disk_shape,
     make_meta,
-    prepare_output,
+    model_files,
     sharded_key,
+    staged_output,
     tp_regions,
     write_meta,
 )
@@ -124,26 +125,27 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
         dtype = "bf16" if src == torch.bfloat16 else "fp32"
     if dtype not in DTYPE_NAMES:
         raise ConversionError(f"--dtype {dtype}: expected one of {list(DTYPE_NAMES)}")
-    prepare_output(out, force, [out / MODEL_DIR, out / META_FILE])
+    check_output(out, force)
     note = rope_warning(config)
     for message in ([note] if note else []) + ([f"ignored tensors: {unused}"] if unused else []):
         print(f"warning: {message}", file=sys.stderr)
     torch_dtype = DTYPE_NAMES[dtype]
     plan = disk_plan(shape)
     total = sum(_stored_bytes(reader, rule, layer, shape, tp, torch_dtype) for rule, layer in plan)
-    writer = DistWriter(out / MODEL_DIR)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="hf -> megatron",
-              disable=quiet) as progress:
-        for rule, layer in plan:
-            convert_tensor(reader, writer, rule, layer, shape, tp, torch_dtype, progress)
-    writer.finish()
-    reader.close()
-    meta = make_meta(shape, tp, pp, vpp, dtype, created_by="checkpoints_tools.hf_to_megatron",
-                     hf_config=config,
-                     hf_generation_config=read_optional_json(hf_dir / "generation_config.json"))
-    meta.tokenizer = str(hf_dir.resolve()) if _has_tokenizer(hf_dir) else None
-    meta.notes = [n for n in [note] if n]
-    write_meta(out, meta)
+    with staged_output(out, force, model_files) as stage:
+        writer = DistWriter(stage / MODEL_DIR)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="hf -> megatron",
+                  disable=quiet) as progress:
+            for rule, layer in plan:
+                convert_tensor(reader, writer, rule, layer, shape, tp, torch_dtype, progress)
+        writer.finish()
+        reader.close()
+        meta = make_meta(shape, tp, pp, vpp, dtype, created_by="checkpoints_tools.hf_to_megatron",
+                         hf_config=config,
+                         hf_generation_config=read_optional_json(hf_dir / "generation_config.json"))
+        meta.tokenizer = str(hf_dir.resolve()) if _has_tokenizer(hf_dir) else None
+        meta.notes = [n for n in [note] if n]
+        write_meta(stage, meta)
     return out
 
 

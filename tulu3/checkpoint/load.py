@@ -23,7 +23,7 @@ from tulu3.checkpoint.hf_config import (
 from tulu3.checkpoint.hf_io import INDEX_FILE, SINGLE_FILE, HFReader
 from tulu3.model import hf_mapping
 from tulu3.model.presets import LlamaShape
-from tulu3.parallel.layout import ParallelLayout
+from tulu3.parallel.groups import ProcessGroups
 
 # Fields that may differ between a checkpoint and the model: they change no weight.
 FREE_FIELDS = ("max_seq_len",)
@@ -89,11 +89,11 @@ def check_shape(found: LlamaShape, expected: LlamaShape, where: str | Path) -> N
 
 
 def load_into_chunks(path: str | Path, chunks: list[torch.nn.Module], shape: LlamaShape,
-                     layout: ParallelLayout, tp_rank: int | None = None) -> str:
+                     groups: ProcessGroups) -> str:
     """Load weights into this rank's model chunks (collective for tulu3 checkpoints).
 
-    ``shape`` is the model's; it must equal the checkpoint's (max_seq_len aside). ``tp_rank``
-    defaults to megatron's tensor-parallel rank. Returns the detected format.
+    ``shape`` is the model's; it must equal the checkpoint's (max_seq_len aside). ``groups``
+    gives the chunks' TP rank and size (an HF source is cut here). Returns the detected format.
     """
     path = resolve_checkpoint_dir(path)
     kind = detect_format(path)
@@ -101,14 +101,11 @@ def load_into_chunks(path: str | Path, chunks: list[torch.nn.Module], shape: Lla
     if kind == "tulu3":
         load_model(chunks, path)
         return kind
-    if tp_rank is None:
-        from megatron.core import parallel_state
-
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
     reader = HFReader(path)
     try:
         for chunk in chunks:
-            hf_mapping.load_hf_into_chunk(chunk, reader.read, shape, tp_rank, layout.tp)
+            hf_mapping.load_hf_into_chunk(chunk, reader.read, shape, groups.tp_rank,
+                                          groups.tp_size)
     finally:
         reader.close()
     return kind

@@ -23,14 +23,17 @@ from tulu3.checkpoint.errors import ConversionError
 from tulu3.checkpoint.format import (
     META_FILE,
     MODEL_DIR,
+    CheckpointMeta,
     check_checkpoint,
     check_layout,
+    check_output,
     disk_plan,
     disk_shape,
-    prepare_output,
+    model_files,
     read_global,
     read_meta,
     sharded_key,
+    staged_output,
     tp_regions,
     write_meta,
 )
@@ -57,9 +60,29 @@ def reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
     check_layout(meta.shape, tp, pp, vpp)
     if out.resolve() == ckpt.resolve():
         raise ConversionError("--out must differ from --ckpt")
-    prepare_output(out, force, [out / MODEL_DIR, out / META_FILE])
+    check_output(out, force)
     rows = padded_vocab(meta.vocab, tp)
-    writer = DistWriter(out / MODEL_DIR)
+    with staged_output(out, force, model_files) as stage:
+        _write_model(reader, stage / MODEL_DIR, meta, rows, tp, quiet,
+                     common=(ckpt / MODEL_DIR / "common.pt").read_bytes())
+        notes = []
+        left = sorted(p.name for p in ckpt.iterdir() if p.name not in (MODEL_DIR, META_FILE))
+        if left:
+            notes.append(f"NOT carried: {left} (optimizer / training state): {out} holds model "
+                         "weights only; load it with model.load=, or resume training from "
+                         f"{ckpt} itself, which megatron reshards on load")
+        origin = f"resharded from {ckpt} (TP{meta.tp} PP{meta.pp} VPP{meta.vpp})"
+        new = dataclasses.replace(meta, tp=tp, pp=pp, vpp=vpp, padded_vocab=rows,
+                                  created_by="checkpoints_tools.reshard",
+                                  notes=[*meta.notes, origin, *notes])
+        write_meta(stage, new)
+    return notes
+
+
+def _write_model(reader: DistReader, model_dir: Path, meta: CheckpointMeta, rows: int, tp: int,
+                 quiet: bool, common: bytes) -> None:
+    """Every tensor of ``reader`` re-padded to ``rows`` vocabulary rows and cut for TP ``tp``."""
+    writer = DistWriter(model_dir)
     plan = disk_plan(meta.shape, meta.head)
     with tqdm(total=len(plan), unit="tensor", desc="reshard", disable=quiet) as progress:
         for rule, layer in plan:
@@ -74,16 +97,4 @@ def reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
             progress.update()
     for key in reader.objects:
         writer.add_bytes(key, reader.read_bytes(key))
-    writer.finish(common=(ckpt / MODEL_DIR / "common.pt").read_bytes())
-    notes = []
-    left = sorted(p.name for p in ckpt.iterdir() if p.name not in (MODEL_DIR, META_FILE))
-    if left:
-        notes.append(f"NOT carried: {left} (optimizer / training state): {out} holds model "
-                     "weights only; load it with model.load=, or resume training from "
-                     f"{ckpt} itself, which megatron reshards on load")
-    origin = f"resharded from {ckpt} (TP{meta.tp} PP{meta.pp} VPP{meta.vpp})"
-    new = dataclasses.replace(meta, tp=tp, pp=pp, vpp=vpp, padded_vocab=rows,
-                              created_by="checkpoints_tools.reshard",
-                              notes=[*meta.notes, origin, *notes])
-    write_meta(out, new)
-    return notes
+    writer.finish(common=common)

@@ -27,9 +27,9 @@ from tulu3.checkpoint.format import (
     CheckpointMeta,
     check_checkpoint,
     disk_plan,
-    prepare_output,
     read_global,
     read_meta,
+    staged_output,
 )
 from tulu3.checkpoint.hf_config import (
     TOKENIZER_FILES,
@@ -79,24 +79,27 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None,
     if dtype not in DTYPE_NAMES:
         raise ConversionError(f"--dtype {dtype}: expected one of {list(DTYPE_NAMES)}")
     torch_dtype = DTYPE_NAMES[dtype]
-    ours = output_files(out) if out.is_dir() else []
-    ours += [out / n for n in ("config.json", "generation_config.json", "original",
-                                *TOKENIZER_FILES)]
-    prepare_output(out, force, ours)
     specs = hf_specs(meta, torch_dtype)
-    with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True,
-              desc="megatron -> hf", disable=quiet) as progress:
-        writer = ShardedSafetensorsWriter(out, specs, max_shard_bytes, progress.update)
-        for rule, layer in disk_plan(meta.shape, meta.head):
-            tensor = read_global(reader, rule, layer, meta.vocab)
-            parts = from_global(rule, tensor, meta.shape, meta.vocab)
-            del tensor
-            for name, part in zip(hf_names(rule, layer, meta.shape.tied_embeddings), parts,
-                                  strict=True):
-                writer.write(name, part.to(torch_dtype))
-            del parts
-        writer.close()
-    return write_hf_files(out, meta, torch_dtype, tokenizer_dir)
+    with staged_output(out, force, _hf_export_files) as stage:
+        with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True,
+                  desc="megatron -> hf", disable=quiet) as progress:
+            writer = ShardedSafetensorsWriter(stage, specs, max_shard_bytes, progress.update)
+            for rule, layer in disk_plan(meta.shape, meta.head):
+                tensor = read_global(reader, rule, layer, meta.vocab)
+                parts = from_global(rule, tensor, meta.shape, meta.vocab)
+                del tensor
+                for name, part in zip(hf_names(rule, layer, meta.shape.tied_embeddings), parts,
+                                      strict=True):
+                    writer.write(name, part.to(torch_dtype))
+                del parts
+            writer.close()
+        return write_hf_files(stage, meta, torch_dtype, tokenizer_dir)
+
+
+def _hf_export_files(out: Path) -> list[Path]:
+    """What an earlier export wrote in ``out`` (replaced by ``--force``; nothing else is)."""
+    return [*output_files(out), *(out / n for n in ("config.json", "generation_config.json",
+                                                     "original", *TOKENIZER_FILES))]
 
 
 def parse_size(text: str) -> int:

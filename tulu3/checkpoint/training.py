@@ -52,7 +52,6 @@ LATEST = "latest"
 # Megatron's default DistributedOptimizer sharding cannot be saved by torch_dist; this one can,
 # and it reshards across layouts.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "cp")
 
 
 class CheckpointError(RuntimeError):
@@ -128,8 +127,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: TrainedModel, traine
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
     if _rank() == 0:
         full_state = {**trainer_state, "step": step, "scheduler": policy.scheduler.state_dict(),
-                      "layout": {**{k: getattr(layout, k) for k in LAYOUT_KEYS},
-                                 "distributed_optimizer": layout.distributed_optimizer}}
+                      "layout": layout.checkpoint_record()}
         if extra:
             full_state["extra"] = {name: {"scheduler": m.scheduler.state_dict()}
                                    for name, m in extra.items()}
@@ -233,8 +231,7 @@ def load_checkpoint(path: Path, policy: TrainedModel, layout: ParallelLayout,
         model.scheduler.load_state_dict(saved[name]["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank()}.pt"
     # RNG streams are per rank: restore them only where every rank is the same rank as before.
-    same_world = all(state["layout"][k] == getattr(layout, k) for k in LAYOUT_KEYS)
-    if rng_file.is_file() and same_world:
+    if rng_file.is_file() and layout.same_ranks(state["layout"]):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
 

@@ -15,8 +15,10 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -215,12 +217,26 @@ def load_mixture(spec: object, seed: int = 0, skip_bad_rows: bool = False,
     return rows
 
 
-def write_jsonl(rows: Sequence[object], path: str | Path) -> str:
-    """Write rows as JSON lines, atomically (a reader never sees half a file)."""
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[TextIO]:
+    """A text file written under a temporary name beside ``path`` and renamed onto it only when
+    the block succeeds: a reader never sees half a file, a failure (or Ctrl-C) leaves ``path`` as
+    it was, and writing a file onto its own input reads the old file to the end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(rows: Sequence[object], path: str | Path) -> str:
+    """Write rows as JSON lines, atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
     return str(path)

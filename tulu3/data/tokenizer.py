@@ -18,7 +18,6 @@ import base64
 import hashlib
 import itertools
 import json
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -318,9 +317,8 @@ def build_tiny_tiktoken(path: str, texts: list[str], num_merges: int) -> str:
     """
     tokens = [bytes([b]) for b in range(256)] + train_bpe(texts, num_merges)
     lines = [f"{base64.b64encode(t).decode('ascii')} {rank}" for rank, t in enumerate(tokens)]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    from tulu3.data.loading import atomic_output
+
+    with atomic_output(path) as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
     return path

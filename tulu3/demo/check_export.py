@@ -18,6 +18,7 @@ def tulu3_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
     from tulu3.config import load_config
     from tulu3.model.build import build_model_chunks
     from tulu3.model.presets import with_shape
+    from tulu3.parallel.groups import ProcessGroups
     from tulu3.parallel.init import init_distributed, init_model_parallel
     from tulu3.parallel.layout import make_layout
 
@@ -27,8 +28,9 @@ def tulu3_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
     cfg.model = with_shape(cfg.model, shape)
     layout = make_layout(cfg, 1)
     init_model_parallel(layout, seed=0)
-    (model,) = build_model_chunks(cfg.model, layout)
-    load_into_chunks(ckpt, [model], shape, layout)
+    groups = ProcessGroups.current()
+    (model,) = build_model_chunks(cfg.model, layout, groups)
+    load_into_chunks(ckpt, [model], shape, groups)
     model.eval()
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():

@@ -11,9 +11,9 @@ every dp-th prompt) with the ``torch`` spec and generated with the rollout engin
 Each prompt gets ``--samples`` K responses (greedy when K is 1 and no ``--temperature`` is
 given, else temperature 1), scored by :class:`tulu3.rewards.VerifierPool`, and with
 ``--reward-model RM`` also by a reward model (a tulu3 RM checkpoint, a run directory or an HF
-LlamaForSequenceClassification; tulu3/eval_rm.py), built at the same TP x PP after the policy is
-freed: each row gets ``rm_score``, the conversation (prompt turns + response) rendered with the
-chat template as in RM training.
+LlamaForSequenceClassification; tulu3/stages/rm/score.py), built at the same TP x PP after the
+policy is freed: each row gets ``rm_score``, the conversation (prompt turns + response) rendered
+with the chat template as in RM training.
 
 The JSON report: ``summary`` (per dataset and "all": n, correct, accuracy over all samples,
 timeouts, errors, mean_reward), ``pass_at_k`` (per dataset, unbiased pass@k for k = 1, 2, 4, ...
@@ -24,19 +24,21 @@ up to K), ``samples`` (the first ``--show`` generations), ``settings``, and with
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from tulu3.eval.common import default_tokenizer, finish, init_layout, start
 from tulu3.rewards import VerifierPool, VerifyResult, rlvr_reward
 from tulu3.rewards.summary import format_summary, pass_at_k_by_dataset, summarize
+
+if TYPE_CHECKING:
+    from tulu3.model.presets import LlamaShape
+    from tulu3.parallel.groups import ProcessGroups
+    from tulu3.parallel.layout import ParallelLayout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,76 +73,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def init_layout(ckpt: str, tp: int, pp: int, seed: int) -> tuple[Any, Any, Any]:
-    """(config, shape, layout) for the checkpoint at TP x PP on the current world (the rest data
-    parallel), with torch.distributed and megatron's parallel state initialised."""
-    from tulu3.checkpoint.load import checkpoint_shape
-    from tulu3.config import Config
-    from tulu3.model.presets import with_shape
-    from tulu3.parallel.init import init_distributed, init_model_parallel
-    from tulu3.parallel.layout import make_layout
-
-    _, world = init_distributed()
-    cfg = Config()
-    cfg.parallel.tp, cfg.parallel.pp = tp, pp
-    shape = checkpoint_shape(ckpt)
-    cfg.model = with_shape(cfg.model, shape)
-    cfg.train.global_batch, cfg.train.micro_batch = max(1, world // (tp * pp)), 1
-    layout = make_layout(cfg, world)
-    init_model_parallel(layout, seed)
-    return cfg, shape, layout
-
-
-def build_policy(ckpt: str, tp: int, pp: int, seed: int) -> tuple[list, Any, Any]:
-    """(chunks, shape, layout) of the checkpoint at TP x PP on the current world."""
+def build_policy(ckpt: str, tp: int, pp: int, seed: int
+                 ) -> tuple[list, LlamaShape, ParallelLayout, ProcessGroups]:
+    """(chunks, shape, layout, groups) of the checkpoint at TP x PP on the current world."""
     from tulu3.checkpoint.load import load_into_chunks
     from tulu3.model.build import build_model_chunks
 
-    cfg, shape, layout = init_layout(ckpt, tp, pp, seed)
-    chunks = build_model_chunks(cfg.model, layout)
-    load_into_chunks(ckpt, chunks, shape, layout)
-    return chunks, shape, layout
-
-
-def default_tokenizer(ckpt: str) -> str:
-    """The tokenizer recorded in a tulu3 checkpoint (or a run directory's latest), else ``ckpt``
-    itself (an HF directory)."""
-    from tulu3.checkpoint.format import is_tulu3_checkpoint, read_meta
-    from tulu3.checkpoint.load import resolve_checkpoint_dir
-
-    ckpt = str(resolve_checkpoint_dir(ckpt))
-    if is_tulu3_checkpoint(ckpt):
-        path = read_meta(ckpt).tokenizer
-        if not path:
-            raise SystemExit(f"{ckpt} records no tokenizer: pass --tokenizer")
-        return path
-    return ckpt
+    cfg, shape, layout, groups = init_layout(ckpt, tp, pp, seed)
+    chunks = build_model_chunks(cfg.model, layout, groups)
+    load_into_chunks(ckpt, chunks, shape, groups)
+    return chunks, shape, layout, groups
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Generate, score and (on rank 0) return the report; other ranks return None."""
-    from megatron.core import parallel_state as ps
-
     from tulu3.data.dataset import build_dataset
     from tulu3.data.tokenizer import load_tokenizer
-    from tulu3.rollout import SamplingParams, generate
+    from tulu3.rollout import PipelineComm, SamplingParams, generate
 
-    chunks, shape, layout = build_policy(args.ckpt, args.tp, args.pp, args.seed)
+    chunks, shape, layout, groups = build_policy(args.ckpt, args.tp, args.pp, args.seed)
     tok = load_tokenizer(args.tokenizer or default_tokenizer(args.ckpt))
     dataset = build_dataset("rlvr", args.data, tok, args.max_prompt_len, not args.no_bos)
     count = min(len(dataset), args.limit or len(dataset))
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = [dataset[i] for i in range(dp_rank, count, dp)]
+    mine = [dataset[i] for i in range(groups.dp_rank, count, groups.dp_size)]
     k = args.samples
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     started = time.monotonic()
     results = generate(chunks, [p.prompt_ids for p in mine for _ in range(k)], params,
                        shape.vocab, [tok.eos_id], batch_size=args.batch_size,
-                       keys=[p.index * k + j for p in mine for j in range(k)])
+                       keys=[p.index * k + j for p in mine for j in range(k)],
+                       comm=PipelineComm.from_groups(groups))
     gen_s = time.monotonic() - started
     rows = []
-    mp_group = ps.get_model_parallel_group()
-    if dist.get_rank() == dist.get_global_rank(mp_group, 0):
+    if dist.get_rank() == groups.mp_first:
         texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in results]
         items = [(mine[i // k].dataset, text, mine[i // k].ground_truth)
                  for i, text in enumerate(texts)]
@@ -154,7 +119,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
                   key=lambda r: (r["index"], r["sample"]))
     if args.reward_model:
         del chunks, results  # the policy's memory goes back before the reward model is built
-        _add_reward_model_scores(args, rows, tok, layout)
+        _add_reward_model_scores(args, rows, tok, layout, groups)
     for row in rows:
         del row["messages"]
     if dist.get_rank() != 0:
@@ -164,13 +129,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _add_reward_model_scores(args: argparse.Namespace, rows: list[dict], tok: Any,
-                             layout: Any) -> None:
+                             layout: ParallelLayout, groups: ProcessGroups) -> None:
     """``row["rm_score"]`` for every row (collective: every rank holds all rows)."""
     from tulu3.stages.rm.score import score_with_reward_model
 
     conversations = [[*row["messages"], {"role": "assistant", "content": row["response"]}]
                      for row in rows]
-    scores = score_with_reward_model(args.reward_model, tok, conversations, layout,
+    scores = score_with_reward_model(args.reward_model, tok, conversations, layout, groups,
                                      max_len=args.max_prompt_len + args.max_new_tokens + 16,
                                      add_bos=not args.no_bos)
     for row, score in zip(rows, scores, strict=True):
@@ -226,26 +191,9 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def finish(report: dict[str, Any] | None, out: str | None, owns_group: bool,
-           show: Callable[[dict[str, Any]], str]) -> int:
-    """Print ``show(report)`` and write it to ``out`` (rank 0: the others have None), then close
-    the process group if this command opened it. Shared by the eval commands."""
-    if report is not None:
-        print(show(report))
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(report, indent=1))
-            print(f"report: {out}")
-    if owns_group:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    owns_group = not dist.is_initialized()
+    owns_group = start()
     return finish(evaluate(args), args.out, owns_group, format_report)
 
 

@@ -19,7 +19,6 @@ r_rejected), ``settings``; with ``--scores`` also each pair's two scores.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from tulu3.data.examples import RowError, validate_messages
 from tulu3.data.loading import read_rows
+from tulu3.eval.common import default_tokenizer, finish, init_layout, start
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,15 +78,14 @@ def pair_accuracy(chosen: list[float], rejected: list[float], sources: list[str]
 def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score every pair (collective); the report on rank 0, None elsewhere."""
     from tulu3.data.tokenizer import load_tokenizer
-    from tulu3.eval.generate import default_tokenizer, init_layout
     from tulu3.stages.rm.score import load_reward_model, score_conversations
 
     pairs, sources = read_pairs(args.data)
     tok = load_tokenizer(args.tokenizer or default_tokenizer(args.rm))
-    cfg, _, layout = init_layout(args.rm, args.tp, args.pp, seed=0)
-    chunks, _ = load_reward_model(args.rm, cfg.model, layout)
+    cfg, _, layout, groups = init_layout(args.rm, args.tp, args.pp, seed=0)
+    chunks, _ = load_reward_model(args.rm, cfg.model, layout, groups)
     scores = score_conversations(chunks, tok, [c for pair in pairs for c in pair], layout,
-                                 max_len=args.max_len, micro_batch=args.micro_batch,
+                                 groups, max_len=args.max_len, micro_batch=args.micro_batch,
                                  add_bos=not args.no_bos)
     if dist.get_rank() != 0:
         return None
@@ -110,15 +109,12 @@ def format_accuracy(accuracy: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    owns_group = not dist.is_initialized()
+    owns_group = start()
     try:
         report = evaluate(args)
     except RowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from tulu3.eval.generate import finish
-
     return finish(report, args.out, owns_group, lambda r: format_accuracy(r["accuracy"]))
 
 

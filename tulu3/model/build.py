@@ -8,8 +8,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tulu3.config import ModelConfig
 from tulu3.model.gpt import TuluGPTModel
-from tulu3.model.presets import LlamaShape, padded_vocab, resolve_shape
+from tulu3.model.presets import padded_vocab, resolve_shape
 from tulu3.model.specs import has_transformer_engine, layer_spec
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,13 +51,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        context_parallel_size=layout.cp,
-        sequence_parallel=layout.sequence_parallel,
-        account_for_embedding_in_pipeline_split=layout.account_for_embedding,
-        account_for_loss_in_pipeline_split=layout.account_for_loss,
+        **layout.transformer_config_args(),
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
@@ -78,24 +73,21 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
     )
 
 
-def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, per_token_loss: bool = True,
+def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, groups: ProcessGroups,
+                       per_token_loss: bool = True,
                        model_class: type[TuluGPTModel] = TuluGPTModel) -> list[TuluGPTModel]:
     """Build this rank's model: one chunk per virtual pipeline stage (one without VPP).
 
-    Call after :func:`tulu3.parallel.init.init_model_parallel`. Weights are on the GPU when
-    present, else on the CPU. ``model_class``: a TuluGPTModel subclass with another head
-    (:class:`tulu3.model.scalar_head.ScalarHeadModel`).
+    Call after :func:`tulu3.parallel.init.init_model_parallel`; ``groups`` says which pipeline
+    rank this is. Weights are on the GPU when present, else on the CPU. ``model_class``: a
+    TuluGPTModel subclass with another head (:class:`tulu3.model.scalar_head.ScalarHeadModel`).
     """
-    from megatron.core import parallel_state
-
     shape = resolve_shape(cfg)
     config = transformer_config(cfg, layout, per_token_loss)
     vocab = padded_vocab(shape.vocab, layout.tp)
     chunks = []
-    for vp_stage in range(layout.vpp):
+    for vp_stage, (pre, post) in enumerate(layout.chunk_ends(groups.pp_rank)):
         vp = vp_stage if layout.vpp > 1 else None
-        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
-        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
         model = model_class(
             config=config,
             transformer_layer_spec=layer_spec(cfg.spec, config, vp),
@@ -114,7 +106,3 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, per_token_loss:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
-
-
-def shape_of(cfg: ModelConfig) -> LlamaShape:
-    return resolve_shape(cfg)

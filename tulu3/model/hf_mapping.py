@@ -15,7 +15,7 @@ below, so a fix here fixes every direction.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -222,15 +222,3 @@ def chunk_global_names(model: torch.nn.Module) -> dict[str, str]:
     """Local parameter name -> global megatron name (layer numbers across PP/VPP)."""
     offset = chunk_layer_offset(model)
     return {name: _local_to_global(name, offset) for name, _ in model.named_parameters()}
-
-
-def hf_state_from_global(tensors: Mapping[str, torch.Tensor], shape: LlamaShape,
-                         vocab: int) -> dict[str, torch.Tensor]:
-    """Megatron global tensors (global names) -> an HF LlamaForCausalLM state dict."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        rule, layer = match_megatron(name)
-        for hf_name, value in zip(hf_names(rule, layer), from_global(rule, tensor, shape, vocab),
-                                  strict=True):
-            out[hf_name] = value
-    return out

@@ -34,6 +34,7 @@ from tulu3.config import ModelConfig
 from tulu3.model.build import build_model_chunks
 from tulu3.model.gpt import TuluGPTModel
 from tulu3.model.presets import LlamaShape
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
 
 HEAD_SEED = 20231206
@@ -100,23 +101,24 @@ def init_value_head(model: ScalarHeadModel) -> None:
         weight.copy_(initial_value_head(model.config.hidden_size).to(weight))
 
 
-def build_scalar_chunks(cfg: ModelConfig, layout: ParallelLayout,
+def build_scalar_chunks(cfg: ModelConfig, layout: ParallelLayout, groups: ProcessGroups,
                         per_token_loss: bool = True) -> list[ScalarHeadModel]:
     """This rank's scalar-head model, one chunk per virtual pipeline stage (as
     :func:`tulu3.model.build.build_model_chunks`, whose construction it reuses)."""
-    return build_model_chunks(cfg, layout, per_token_loss, model_class=ScalarHeadModel)
+    return build_model_chunks(cfg, layout, groups, per_token_loss, model_class=ScalarHeadModel)
 
 
 def load_scalar_weights(path: str | Path, chunks: list[torch.nn.Module], shape: LlamaShape,
-                        layout: ParallelLayout, tp_rank: int | None = None) -> str:
+                        groups: ProcessGroups) -> str:
     """Load a backbone (and the head when the source has one) into scalar-head chunks.
 
     Sources: an HF directory (``LlamaForCausalLM``: ``lm_head`` ignored, head initialised;
     ``LlamaForSequenceClassification`` with one label: ``score.weight`` is the head) or a tulu3
     checkpoint (a policy/SFT one: its output layer ignored, head initialised; a reward-model one,
     ``head: "scalar"`` in tulu3.json: head loaded), or a run directory (its latest checkpoint).
-    ``chunks`` are this rank's unwrapped ScalarHeadModel chunks. Collective for tulu3
-    checkpoints. Returns "tulu3" | "hf" (the detected format).
+    ``chunks`` are this rank's unwrapped ScalarHeadModel chunks; ``groups`` gives their TP
+    rank and size (for HF sources). Collective for tulu3 checkpoints. Returns "tulu3" | "hf"
+    (the detected format).
     """
     from tulu3.checkpoint.format import load_model, read_meta
     from tulu3.checkpoint.load import (
@@ -134,7 +136,7 @@ def load_scalar_weights(path: str | Path, chunks: list[torch.nn.Module], shape: 
         has_head = read_meta(path).head == "scalar"
         load_model(chunks, path, ignore=() if has_head else (VALUE_HEAD,))
     else:
-        has_head = _load_hf(path, chunks, shape, layout, tp_rank)
+        has_head = _load_hf(path, chunks, shape, groups)
     if not has_head:
         for chunk in heads:
             init_value_head(chunk)
@@ -142,16 +144,12 @@ def load_scalar_weights(path: str | Path, chunks: list[torch.nn.Module], shape: 
 
 
 def _load_hf(path: str | Path, chunks: list[torch.nn.Module], shape: LlamaShape,
-             layout: ParallelLayout, tp_rank: int | None) -> bool:
+             groups: ProcessGroups) -> bool:
     """Backbone (+ ``score.weight`` when present) from an HF directory; True if it had a head."""
     from tulu3.checkpoint.errors import ConversionError
     from tulu3.checkpoint.hf_io import HFReader
     from tulu3.model import hf_mapping
 
-    if tp_rank is None:
-        from megatron.core import parallel_state
-
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
     reader = HFReader(path)
     has_head = "score.weight" in reader.names()
     try:
@@ -161,7 +159,7 @@ def _load_hf(path: str | Path, chunks: list[torch.nn.Module], shape: LlamaShape,
                     return chunk.value_head.weight.detach().clone()  # re-initialised after
                 return reader.read(name)
 
-            hf_mapping.load_hf_into_chunk(chunk, get, shape, tp_rank, layout.tp)
+            hf_mapping.load_hf_into_chunk(chunk, get, shape, groups.tp_rank, groups.tp_size)
     finally:
         reader.close()
     if has_head and tuple(reader.entry("score.weight").shape) != (1, shape.hidden):

@@ -47,8 +47,3 @@ def layer_spec(name: str, config: TransformerConfig, vp_stage: int | None = None
 
         return get_gpt_layer_with_transformer_engine_spec()
     raise ValueError(f"model.spec: unknown {name!r} (te | torch | local)")
-
-
-def takes_document_mask(name: str) -> bool:
-    """Whether the spec honours a per-document attention mask (packed sequences)."""
-    return name == "torch"

@@ -68,13 +68,25 @@ class ProcessGroups:
         )
 
     @property
-    def is_first_stage(self) -> bool:
+    def first_stage(self) -> bool:
+        """The first pipeline stage (the one that embeds tokens), ignoring virtual stages."""
         return self.pp_rank == 0
 
     @property
-    def is_last_stage(self) -> bool:
+    def last_stage(self) -> bool:
         """The last pipeline stage (the one that computes losses), ignoring virtual stages."""
         return self.pp_rank == self.pp_size - 1
+
+    @property
+    def first_replica(self) -> bool:
+        """Data- and context-parallel rank 0: the copy of the weights that is exported."""
+        return self.dp_cp_rank == 0
+
+    @property
+    def holds_outputs(self) -> bool:
+        """The one rank of each replica (last stage, TP and CP rank 0) whose per-sequence
+        outputs (scores, cached log-probs) are gathered from."""
+        return self.last_stage and self.tp_rank == 0 and self.cp_rank == 0
 
     @property
     def mp_first(self) -> int:

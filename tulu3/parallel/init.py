@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -53,14 +54,16 @@ def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        context_parallel_size=layout.cp,
-        create_gloo_process_groups=torch.cuda.is_available(),
-    )
+        **layout.megatron_init_args(), create_gloo_process_groups=torch.cuda.is_available())
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear megatron's groups down, if megatron was imported at all (importing it costs ~3 s)."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None:
+        parallel_state.destroy_model_parallel()
 
 
 def setup_parallel(cfg: Config) -> tuple[ParallelLayout, ProcessGroups]:

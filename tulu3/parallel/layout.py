@@ -1,10 +1,30 @@
-"""The parallel layout: one frozen description, validated once, asked by everything else."""
+"""The parallel layout: one frozen description, validated once, asked by everything else.
+
+:class:`ParallelLayout` holds the recipe's ``parallel.*`` sizes and switches under their own
+names, with ``dp`` derived from the world size. It is the one source of what megatron is told
+(:meth:`~ParallelLayout.megatron_init_args`, :meth:`~ParallelLayout.transformer_config_args`),
+of how metrics and sequences are reduced and padded, of the layout a checkpoint records, and of
+the ``--set`` lines that select it. The checks (:meth:`~ParallelLayout.check_model`,
+:meth:`~ParallelLayout.check_spec`, :meth:`~ParallelLayout.check_batch`,
+:meth:`~ParallelLayout.check_backend`) take plain values, so the planner (tulu3/planner) runs
+the same rules on the layouts it enumerates that :func:`make_layout` runs on a recipe.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from tulu3.config import Config, ConfigError
+from tulu3.config import ConfigError
+
+if TYPE_CHECKING:
+    from tulu3.config import Config, ParallelConfig
+
+CHECKPOINT_KEYS = ("tp", "pp", "vpp", "dp", "cp")
+"""The sizes a checkpoint's tulu3.json records under ``layout`` (with distributed_optimizer)."""
+UNEVEN_KEYS = ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
+"""The switches that count the embedding / the loss as one layer in the pipeline split."""
 
 
 class LayoutError(ConfigError):
@@ -13,96 +33,217 @@ class LayoutError(ConfigError):
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """World = tp x cp x dp x pp ranks (megatron's order tp-cp-ep-dp-pp); vpp chunks per pp rank."""
+    """World = tp x cp x dp x pp ranks (megatron's order tp-cp-ep-dp-pp); vpp chunks per pp rank.
+
+    Field names are the recipe's ``parallel.*`` keys (and megatron's TransformerConfig names
+    for the pipeline-split switches). Construction checks only that the sizes are >= 1 and
+    divide the world; the model, spec, batch and backend checks are the ``check_*`` methods.
+    """
 
     world_size: int
     tp: int = 1
     pp: int = 1
     vpp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank; > 1: interleaved 1F1B."""
     cp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
-    account_for_embedding: bool = False
-    account_for_loss: bool = False
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "vpp", "cp"):
+            if getattr(self, key) < 1:
+                raise LayoutError(f"parallel.{key}={getattr(self, key)} must be >= 1")
+        if self.world_size % self.model_parallel:
+            raise LayoutError(f"world size {self.world_size} is not a multiple of tp x pp x cp "
+                              f"= {self.tp} x {self.pp} x {self.cp} = {self.model_parallel}")
+
+    @classmethod
+    def from_config(cls, par: ParallelConfig, world_size: int) -> ParallelLayout:
+        """The layout of the recipe's ``parallel`` section (unchecked beyond construction)."""
+        return cls(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp,
+                   sequence_parallel=par.sequence_parallel,
+                   distributed_optimizer=par.distributed_optimizer,
+                   account_for_embedding_in_pipeline_split=(
+                       par.account_for_embedding_in_pipeline_split),
+                   account_for_loss_in_pipeline_split=par.account_for_loss_in_pipeline_split)
+
+    # --- derived sizes --------------------------------------------------------------------
 
     @property
     def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp * self.cp)
+        """Data-parallel size: the ranks that read different data."""
+        return self.world_size // self.model_parallel
 
     @property
     def model_parallel(self) -> int:
+        """Ranks that hold one model replica: tp x pp x cp."""
         return self.tp * self.pp * self.cp
 
-    def describe(self) -> str:
+    @property
+    def split_extra(self) -> int:
+        """Units besides the transformer layers in the pipeline split (embedding, loss)."""
+        return (int(self.account_for_embedding_in_pipeline_split)
+                + int(self.account_for_loss_in_pipeline_split))
+
+    @property
+    def metric_copies(self) -> int:
+        """Ranks of one replica's last pipeline stage that hold the same copy of a metric
+        (every TP x CP rank computes the loss of the whole micro-batch)."""
+        return self.tp * self.cp
+
+    @property
+    def pad_multiple(self) -> int:
+        """Sequence lengths must divide by TP under sequence parallelism (and 2 x CP under CP:
+        the load-balanced CP split cuts each sequence into 2 x cp chunks)."""
+        multiple = self.tp if self.sequence_parallel else 1
+        return multiple * (2 * self.cp if self.cp > 1 else 1)
+
+    @property
+    def micro_batch_multiple(self) -> int:
+        """Micro-batches per schedule call must be a multiple of this (pp when interleaved)."""
+        return self.pp if self.vpp > 1 else 1
+
+    def micro_batches(self, global_batch: int, micro_batch: int) -> int:
+        """Micro-batches per step on each DP rank (exact when :meth:`check_batch` passed)."""
+        return global_batch // (micro_batch * self.dp)
+
+    def chunk_ends(self, pp_rank: int) -> list[tuple[bool, bool]]:
+        """``(pre_process, post_process)`` of each model chunk of pipeline rank ``pp_rank``:
+        whether it holds the embedding (first virtual stage of the first rank) and the output
+        layer (last virtual stage of the last rank), as megatron's is_pipeline_first/last_stage
+        with ``vp_stage``."""
+        return [(pp_rank == 0 and vp == 0, pp_rank == self.pp - 1 and vp == self.vpp - 1)
+                for vp in range(self.vpp)]
+
+    # --- what megatron and checkpoints are told ----------------------------------------------
+
+    def megatron_init_args(self) -> dict[str, Any]:
+        """Keyword arguments of megatron's ``parallel_state.initialize_model_parallel``."""
+        return {"tensor_model_parallel_size": self.tp,
+                "pipeline_model_parallel_size": self.pp,
+                "virtual_pipeline_model_parallel_size": self.vpp if self.vpp > 1 else None,
+                "context_parallel_size": self.cp}
+
+    def transformer_config_args(self) -> dict[str, Any]:
+        """The parallel fields of megatron's ``TransformerConfig``."""
+        return {**self.megatron_init_args(), "sequence_parallel": self.sequence_parallel,
+                **{key: getattr(self, key) for key in UNEVEN_KEYS}}
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """The ``layout`` entry of a training checkpoint's trainer state."""
+        return {**{key: getattr(self, key) for key in CHECKPOINT_KEYS},
+                "distributed_optimizer": self.distributed_optimizer}
+
+    def same_ranks(self, record: dict[str, Any]) -> bool:
+        """Whether a checkpoint saved at ``record`` (:meth:`checkpoint_record`) had every rank
+        where this layout has it (then per-rank state such as RNG streams carries over)."""
+        return all(record[key] == getattr(self, key) for key in CHECKPOINT_KEYS)
+
+    def overrides(self) -> list[str]:
+        """``parallel.*=value`` recipe overrides that select this layout (for ``--set``); the
+        pipeline-split switches only when on."""
+        pairs = [f"parallel.{key}={getattr(self, key)}" for key in ("tp", "pp", "vpp", "cp")]
+        pairs += [f"parallel.{key}={str(getattr(self, key)).lower()}"
+                  for key in ("sequence_parallel", "distributed_optimizer")]
+        return pairs + [f"parallel.{key}=true" for key in UNEVEN_KEYS if getattr(self, key)]
+
+    # --- text ---------------------------------------------------------------------------
+
+    def sizes_text(self, sep: str = "x") -> str:
+        """``TP2xPP2xVPP2xCP2xDP4`` (VPP and CP only when > 1)."""
         parts = [f"TP{self.tp}", f"PP{self.pp}"]
-        if self.vpp > 1:
-            parts.append(f"VPP{self.vpp}")
-        if self.cp > 1:
-            parts.append(f"CP{self.cp}")
-        parts.append(f"DP{self.dp}")
-        extra = [name for name, on in (("SP", self.sequence_parallel),
-                                       ("dist-opt", self.distributed_optimizer)) if on]
-        return "x".join(parts) + (f" ({', '.join(extra)})" if extra else "") + \
+        parts += [f"VPP{self.vpp}"] if self.vpp > 1 else []
+        parts += [f"CP{self.cp}"] if self.cp > 1 else []
+        return sep.join([*parts, f"DP{self.dp}"])
+
+    def features(self) -> list[str]:
+        """Short names of the switches that are on: SP, dist-opt."""
+        return [name for name, on in (("SP", self.sequence_parallel),
+                                      ("dist-opt", self.distributed_optimizer)) if on]
+
+    def describe(self) -> str:
+        extra = self.features()
+        return self.sizes_text() + (f" ({', '.join(extra)})" if extra else "") + \
             f" on {self.world_size} ranks"
+
+    # --- checks (plain values: the planner runs them without a Config) ------------------------
+
+    def for_layers(self, layers: int) -> ParallelLayout:
+        """The layout a model of ``layers`` layers runs at beside this one (PPO's value model):
+        the same ranks, and the uneven split (embedding / loss counted as layers) only where that
+        model needs it: a 32-layer value model splits evenly over the PP16 of a 126-layer
+        policy, which needs the uneven split."""
+        chunks = self.pp * self.vpp
+        if self.split_extra and (layers + self.split_extra) % chunks and not layers % chunks:
+            return dataclasses.replace(self, account_for_embedding_in_pipeline_split=False,
+                                       account_for_loss_in_pipeline_split=False)
+        return self
+
+    def check_model(self, heads: int, kv_heads: int, layers: int) -> None:
+        """TP divides the heads; the layers (+ embedding / loss) split over pp x vpp chunks."""
+        if heads % self.tp:
+            raise LayoutError(f"parallel.tp={self.tp} does not divide model.heads={heads}")
+        if kv_heads % self.tp:
+            raise LayoutError(f"parallel.tp={self.tp} does not divide model.kv_heads={kv_heads}")
+        if self.vpp > 1 and self.pp == 1:
+            raise LayoutError(f"parallel.vpp={self.vpp} needs parallel.pp > 1")
+        extra = self.split_extra
+        if extra and self.pp == 1:
+            raise LayoutError("parallel.account_for_*_in_pipeline_split needs parallel.pp > 1")
+        if (layers + extra) % (self.pp * self.vpp):
+            counted = f"model.layers={layers}" + (f" + {extra} (embedding/loss)" if extra else "")
+            raise LayoutError(f"parallel.pp x parallel.vpp = {self.pp} x {self.vpp} does not "
+                              f"divide {counted}")
+
+    def check_spec(self, spec: str) -> None:
+        """What the layer spec (``model.spec``: te | torch | local) supports."""
+        if self.sequence_parallel and self.tp == 1:
+            raise LayoutError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.cp > 1 and spec != "te":
+            raise LayoutError(f"parallel.cp={self.cp} needs model.spec=te: megatron-core supports "
+                              "context parallelism only in Transformer Engine attention")
+        if self.sequence_parallel and spec == "local":
+            raise LayoutError("parallel.sequence_parallel=true needs model.spec=torch or te "
+                              "(megatron's local norm does not support it)")
+
+    def check_batch(self, global_batch: int, micro_batch: int) -> int:
+        """The global batch splits into micro-batches over DP (a multiple of pp of them per DP
+        rank when interleaved); returns the micro-batches per step on each DP rank."""
+        per_step = micro_batch * self.dp
+        if global_batch % per_step:
+            raise LayoutError(f"train.global_batch={global_batch} is not divisible by "
+                              f"train.micro_batch x dp = {micro_batch} x {self.dp}")
+        micro_batches = global_batch // per_step
+        if self.vpp > 1 and micro_batches % self.pp:
+            raise LayoutError(f"interleaved pipelining needs micro-batches per step "
+                              f"({micro_batches}) to be a multiple of parallel.pp={self.pp}")
+        return micro_batches
+
+    def check_backend(self, backend: str, micro_batches: int) -> None:
+        """Limits of one torch.distributed backend (``gloo`` | ``nccl``)."""
+        if backend == "gloo" and self.vpp > 1 and micro_batches == self.pp:
+            # Measured: megatron's all-warm-up interleaved path (micro-batches == pp) deadlocks
+            # on gloo (its p2p calls pair differently on the two ranks); 2 x pp runs and is exact.
+            raise LayoutError(f"interleaved pipelining on gloo needs more micro-batches per step "
+                              f"({micro_batches}) than parallel.pp={self.pp}: raise "
+                              "train.global_batch or lower train.micro_batch")
 
 
 def make_layout(cfg: Config, world_size: int) -> ParallelLayout:
     """Build and validate the layout for ``cfg`` on ``world_size`` ranks (raises LayoutError)."""
     from tulu3.model.presets import resolve_shape
 
-    par = cfg.parallel
-    for key in ("tp", "pp", "vpp", "cp"):
-        if getattr(par, key) < 1:
-            raise LayoutError(f"parallel.{key}={getattr(par, key)} must be >= 1")
-    model_parallel = par.tp * par.pp * par.cp
-    if world_size % model_parallel:
-        raise LayoutError(f"world size {world_size} is not a multiple of tp x pp x cp = "
-                          f"{par.tp} x {par.pp} x {par.cp} = {model_parallel}")
+    layout = ParallelLayout.from_config(cfg.parallel, world_size)
     shape = resolve_shape(cfg.model)
-    if shape.heads % par.tp:
-        raise LayoutError(f"parallel.tp={par.tp} does not divide model.heads={shape.heads}")
-    if shape.kv_heads % par.tp:
-        raise LayoutError(f"parallel.tp={par.tp} does not divide model.kv_heads={shape.kv_heads}")
-    if par.vpp > 1 and par.pp == 1:
-        raise LayoutError(f"parallel.vpp={par.vpp} needs parallel.pp > 1")
-    extra = int(par.account_for_embedding_in_pipeline_split) + \
-        int(par.account_for_loss_in_pipeline_split)
-    if extra and par.pp == 1:
-        raise LayoutError("parallel.account_for_*_in_pipeline_split needs parallel.pp > 1")
-    if (shape.layers + extra) % (par.pp * par.vpp):
-        counted = f"model.layers={shape.layers}" + (f" + {extra} (embedding/loss)" if extra else "")
-        raise LayoutError(f"parallel.pp x parallel.vpp = {par.pp} x {par.vpp} does not divide "
-                          f"{counted}")
-    if par.sequence_parallel and par.tp == 1:
-        raise LayoutError("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if par.cp > 1 and cfg.model.spec != "te":
-        raise LayoutError(f"parallel.cp={par.cp} needs model.spec=te: megatron-core supports "
-                          "context parallelism only in Transformer Engine attention")
-    if par.sequence_parallel and cfg.model.spec == "local":
-        raise LayoutError("parallel.sequence_parallel=true needs model.spec=torch or te "
-                          "(megatron's local norm does not support it)")
-    layout = ParallelLayout(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp,
-                            sequence_parallel=par.sequence_parallel,
-                            distributed_optimizer=par.distributed_optimizer,
-                            account_for_embedding=par.account_for_embedding_in_pipeline_split,
-                            account_for_loss=par.account_for_loss_in_pipeline_split)
-    per_step = cfg.train.micro_batch * layout.dp
-    if cfg.train.global_batch % per_step:
-        raise LayoutError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
-                          f"train.micro_batch x dp = {cfg.train.micro_batch} x {layout.dp}")
-    micro_batches = cfg.train.global_batch // per_step
-    if par.vpp > 1 and micro_batches % par.pp:
-        raise LayoutError(f"interleaved pipelining needs micro-batches per step ({micro_batches}) "
-                          f"to be a multiple of parallel.pp={par.pp}")
+    layout.check_model(shape.heads, shape.kv_heads, shape.layers)
+    layout.check_spec(cfg.model.spec)
+    layout.check_batch(cfg.train.global_batch, cfg.train.micro_batch)
     return layout
 
 
 def check_backend_limits(cfg: Config, layout: ParallelLayout, backend: str) -> None:
     """Limits of one backend, checked when the run starts (recipes are validated anywhere)."""
-    micro_batches = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
-    if backend == "gloo" and layout.vpp > 1 and micro_batches == layout.pp:
-        # Measured: megatron's all-warm-up interleaved path (micro-batches == pp) deadlocks on
-        # gloo (its p2p calls pair differently on the two ranks); 2 x pp runs and is exact.
-        raise LayoutError(f"interleaved pipelining on gloo needs more micro-batches per step "
-                          f"({micro_batches}) than parallel.pp={layout.pp}: raise "
-                          "train.global_batch or lower train.micro_batch")
+    layout.check_backend(backend, layout.micro_batches(cfg.train.global_batch,
+                                                       cfg.train.micro_batch))

@@ -4,7 +4,7 @@ Megatron-Core assumes CUDA in many places (``torch.cuda.current_device()`` as a 
 state for its tensor-parallel RNG tracker, ``.cuda()`` calls, ``Tensor.type()`` string checks in the
 optimizer). Like Ascend's ``transfer_to_npu``, this module retargets those calls, here to the CPU.
 It is installed only when ``torch.cuda.is_available()`` is false, and every patched symbol has a
-test (tests/parallel/test_cpu_compat.py) that fails loudly when a megatron-core release moves it.
+test (tests/patches/test_cpu_compat.py) that fails loudly when a megatron-core release moves it.
 
 Patched (see DESIGN.md for how each was found):
 - ``torch.cuda.current_device`` -> ``"cpu"``; ``torch.cuda.synchronize`` / ``empty_cache`` -> no-op

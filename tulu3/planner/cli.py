@@ -63,14 +63,14 @@ def format_candidate(index: int, cand: Candidate, problem: Problem) -> list[str]
     """Lines describing one ranked layout: title, overrides, memory and time breakdown."""
     mem, time, lay = cand.memory, cand.time, cand.layout
     micro_batches = problem.step_seqs // (lay.dp * problem.micro_seqs)
-    title = (f"#{index}  {lay.describe()}: step {time.total:.2f} s, peak {_gib(mem.total)} GiB "
+    title = (f"#{index}  {cand.describe()}: step {time.total:.2f} s, peak {_gib(mem.total)} GiB "
              f"(pipeline rank {mem.rank}), {micro_batches} micro-batches per step")
     kinds = [(k, v) for k, v in mem.gib().items() if k != "total" and v > 0]
     parts = [(k, v) for k, v in time.as_dict().items() if k != "total" and v > 0.0005]
-    lines = [title, f'    --set "{" ".join(lay.overrides(problem.micro_batch))}"',
+    lines = [title, f'    --set "{" ".join(cand.overrides(problem.micro_batch))}"',
              "    memory GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds),
              "    time s: " + ", ".join(f"{k} {v:.2f}" for k, v in parts)]
-    if lay.uneven:
+    if cand.uneven:
         lines.append(f"    uneven split: {problem.shape.layers} layers + embedding + loss over "
                      f"PP{lay.pp} x VPP{lay.vpp}; needs {' and '.join(UNEVEN_KEYS)}")
     return lines

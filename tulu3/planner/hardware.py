@@ -47,4 +47,19 @@ GPUS: dict[str, GPUSpec] = {
     # HDR InfiniBand 200 Gb/s per GPU.
     "a100-80gb": GPUSpec("a100-80gb", hbm_bytes=81920 * MIB, bf16_flops=312e12,
                          hbm_bandwidth=2.039e12, nvlink_bandwidth=300e9, ib_bandwidth=25e9),
+    # B200 (HGX): 2.25 PFLOP/s dense bf16, 180 GB HBM3e (183359 MiB reported) at 8 TB/s,
+    # NVLink5 1.8 TB/s bidirectional, 400 Gb/s InfiniBand per GPU.
+    "b200-180gb": GPUSpec("b200-180gb", hbm_bytes=183359 * MIB, bf16_flops=2250e12,
+                          hbm_bandwidth=8e12, nvlink_bandwidth=900e9, ib_bandwidth=50e9),
 }
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU a CUDA device name describes (``"NVIDIA H100 80GB
+    HBM3"`` -> 989e12), matched on the model family (the ``GPUS`` key before its first ``-``);
+    None for a GPU not in the table."""
+    name = device_name.upper()
+    for key, spec in GPUS.items():
+        if key.split("-")[0].upper() in name:
+            return spec.bf16_flops
+    return None

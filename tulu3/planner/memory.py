@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from tulu3.model.presets import LlamaShape, padded_vocab
+from tulu3.parallel.layout import ParallelLayout
 from tulu3.planner.hardware import GIB
-from tulu3.planner.pipeline import chunk_layers, peak_inflight_layers, split_kind
-from tulu3.planner.problem import Layout, Problem
+from tulu3.planner.pipeline import peak_inflight_layers, rank_chunk_layers
+from tulu3.planner.problem import Problem
 
 BF16 = 2
 FP32 = 4
@@ -84,10 +85,10 @@ def layer_params(shape: LlamaShape) -> tuple[int, int]:
     return linear, 2 * shape.hidden
 
 
-def rank_params(shape: LlamaShape, layout: Layout, rank: int, head: str = "lm") -> float:
+def rank_params(shape: LlamaShape, layout: ParallelLayout, rank: int, head: str = "lm"
+                ) -> float:
     """Parameters one GPU of pipeline ``rank`` holds (``head``: lm | scalar value/reward head)."""
-    uneven = split_kind(shape.layers, layout.pp, layout.vpp) == "uneven"
-    layers = sum(chunk_layers(shape.layers, layout.pp, layout.vpp, uneven)[rank])
+    layers = sum(rank_chunk_layers(shape.layers, layout, rank))
     linear, norms = layer_params(shape)
     params = layers * (linear / layout.tp + norms)
     vocab_rows = padded_vocab(shape.vocab, layout.tp) / layout.tp
@@ -141,19 +142,19 @@ def _models(problem: Problem) -> tuple[list[tuple[LlamaShape, str]], list[LlamaS
     return [(problem.shape, "lm")], []
 
 
-def activation_bytes(problem: Problem, layout: Layout, shape: LlamaShape, rank: int,
-                     head: str) -> float:
-    """Activations ``rank`` keeps at its pipeline peak, for one model being trained."""
+def activation_bytes(problem: Problem, layout: ParallelLayout, shape: LlamaShape, rank: int,
+                     head: str, recompute: str = "none") -> float:
+    """Activations ``rank`` keeps at its pipeline peak, for one model being trained
+    (``recompute``: model.recompute, none | selective | full)."""
     terms = ActivationTerms.llama(shape, problem.attention)
     seq, batch = problem.seq_len // layout.cp, problem.micro_seqs
     sp = layout.sequence_parallel
     per_layer = layer_activation_bytes(terms, seq, batch, shape.hidden, shape.heads, layout.tp,
-                                       sp, layout.recompute)
-    uneven = split_kind(shape.layers, layout.pp, layout.vpp) == "uneven"
-    sizes = chunk_layers(shape.layers, layout.pp, layout.vpp, uneven)[rank]
+                                       sp, recompute)
+    sizes = rank_chunk_layers(shape.layers, layout, rank)
     micro_batches = problem.step_seqs // (layout.dp * problem.micro_seqs)
     total = peak_inflight_layers(sizes, rank, layout.pp, micro_batches) * per_layer
-    if layout.recompute == "full":  # the layer being recomputed holds its full activations
+    if recompute == "full":  # the layer being recomputed holds its full activations
         total += layer_activation_bytes(terms, seq, batch, shape.hidden, shape.heads, layout.tp,
                                         sp, "none")
     if rank == layout.pp - 1:  # final norm input + output layer input, one micro-batch deep
@@ -164,7 +165,7 @@ def activation_bytes(problem: Problem, layout: Layout, shape: LlamaShape, rank: 
     return total
 
 
-def kv_cache_bytes(problem: Problem, layout: Layout, rank: int) -> float:
+def kv_cache_bytes(problem: Problem, layout: ParallelLayout, rank: int) -> float:
     """RLVR rollouts: K and V (bf16) of the policy's layers on ``rank`` for the DP rank's batch.
 
     Conservative: the whole step's sequences of a data-parallel rank are generated together at
@@ -173,28 +174,30 @@ def kv_cache_bytes(problem: Problem, layout: Layout, rank: int) -> float:
     if problem.stage != "rlvr":
         return 0.0
     shape = problem.shape
-    uneven = split_kind(shape.layers, layout.pp, layout.vpp) == "uneven"
-    layers = sum(chunk_layers(shape.layers, layout.pp, layout.vpp, uneven)[rank])
+    layers = sum(rank_chunk_layers(shape.layers, layout, rank))
     seqs = -(-problem.step_seqs // layout.dp)
     kv_dim = shape.kv_heads // layout.tp * shape.head_dim
     return 2 * BF16 * layers * kv_dim * problem.seq_len * seqs
 
 
-def rank_memory(problem: Problem, layout: Layout, rank: int) -> Memory:
+def rank_memory(problem: Problem, layout: ParallelLayout, rank: int,
+                recompute: str = "none") -> Memory:
     """Memory of one GPU of pipeline ``rank``."""
     trained, frozen = _models(problem)
     train_params = sum(rank_params(shape, layout, rank, head) for shape, head in trained)
     frozen_params = sum(rank_params(shape, layout, rank) for shape in frozen)
     shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    acts = max(activation_bytes(problem, layout, shape, rank, head) for shape, head in trained)
+    acts = max(activation_bytes(problem, layout, shape, rank, head, recompute)
+               for shape, head in trained)
     return Memory(rank=rank, weights=BF16 * train_params, grads=FP32 * train_params,
                   optimizer=ADAM_STATE * train_params / shard, frozen=BF16 * frozen_params,
                   activations=acts, kv_cache=kv_cache_bytes(problem, layout, rank),
                   overhead=problem.overhead_gib * GIB)
 
 
-def peak_memory(problem: Problem, layout: Layout) -> Memory:
+def peak_memory(problem: Problem, layout: ParallelLayout, recompute: str = "none") -> Memory:
     """The most loaded GPU. Middle pipeline ranks hold the same layers and rank 1 has the most
     micro-batches in flight among them, so ranks 0, 1 and pp - 1 cover the maximum."""
     ranks = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
-    return max((rank_memory(problem, layout, rank) for rank in ranks), key=lambda m: m.total)
+    return max((rank_memory(problem, layout, rank, recompute) for rank in ranks),
+               key=lambda m: m.total)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from tulu3.parallel.layout import ParallelLayout
+
 
 @lru_cache(maxsize=4096)
 def split_kind(layers: int, pp: int, vpp: int) -> str | None:
@@ -34,6 +36,12 @@ def chunk_layers(layers: int, pp: int, vpp: int, uneven: bool) -> tuple[tuple[in
         result[0][0] -= 1  # the embedding takes one layer's place in the first virtual stage
         result[pp - 1][vpp - 1] -= 1  # the loss (output layer) takes one in the last
     return tuple(tuple(sizes) for sizes in result)
+
+
+def rank_chunk_layers(layers: int, layout: ParallelLayout, rank: int) -> tuple[int, ...]:
+    """Transformer layers of each model chunk of pipeline ``rank`` under ``layout``'s split
+    (uneven when it counts the embedding and the loss)."""
+    return chunk_layers(layers, layout.pp, layout.vpp, layout.split_extra > 0)[rank]
 
 
 def inflight_passes(rank: int, pp: int, vpp: int, micro_batches: int) -> int:

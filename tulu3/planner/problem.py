@@ -1,16 +1,18 @@
-"""What the planner is asked (Problem) and what it answers with (Layout)."""
+"""What the planner is asked (:class:`Problem`); it answers with tulu3's own
+:class:`~tulu3.parallel.layout.ParallelLayout` (plus a recompute setting), checked by the same
+rules a run applies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tulu3.model.presets import PRESETS, LlamaShape
+from tulu3.parallel.layout import UNEVEN_KEYS as UNEVEN_SWITCHES
 from tulu3.planner.hardware import GPUS, GPUSpec
 
 STAGES = ("sft", "dpo", "rm", "rlvr")
 RECOMPUTE = ("none", "selective", "full")
-UNEVEN_KEYS = ("parallel.account_for_embedding_in_pipeline_split",
-               "parallel.account_for_loss_in_pipeline_split")
+UNEVEN_KEYS = tuple(f"parallel.{key}" for key in UNEVEN_SWITCHES)
 """Recipe keys an uneven pipeline split needs (Megatron TransformerConfig names)."""
 
 
@@ -116,52 +118,3 @@ class Problem:
     @property
     def budget_bytes(self) -> float:
         return self.mem_fraction * self.gpu_spec.hbm_bytes
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One parallel layout: sizes, memory savers and how the layers split over the pipeline."""
-
-    tp: int
-    pp: int
-    vpp: int
-    cp: int
-    dp: int
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False
-    recompute: str = "none"
-    uneven: bool = False
-    """Embedding and loss each count as a layer in the pipeline split (405B's 126 layers)."""
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
-
-    @property
-    def sizes(self) -> tuple[int, int, int, int, int]:
-        return (self.tp, self.pp, self.vpp, self.cp, self.dp)
-
-    def describe(self) -> str:
-        text = f"TP{self.tp} PP{self.pp}"
-        text += f" VPP{self.vpp}" if self.vpp > 1 else ""
-        text += f" CP{self.cp}" if self.cp > 1 else ""
-        text += f" DP{self.dp}"
-        extras = [name for name, on in (("SP", self.sequence_parallel),
-                                        ("dist-opt", self.distributed_optimizer),
-                                        ("uneven-split", self.uneven)) if on]
-        if self.recompute != "none":
-            extras.append(f"recompute={self.recompute}")
-        return text + (f" ({', '.join(extras)})" if extras else "")
-
-    def overrides(self, micro_batch: int) -> list[str]:
-        """``key=value`` recipe overrides that select this layout (for ``--set``)."""
-        pairs = [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.vpp={self.vpp}",
-                 f"parallel.cp={self.cp}",
-                 f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
-                 f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}",
-                 f"model.recompute={self.recompute}", f"train.micro_batch={micro_batch}"]
-        if self.cp > 1:  # megatron-core has context parallelism only in TE attention
-            pairs.append("model.spec=te")
-        if self.uneven:
-            pairs += [f"{key}=true" for key in UNEVEN_KEYS]
-        return pairs

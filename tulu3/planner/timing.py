@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tulu3.model.presets import LlamaShape
+from tulu3.parallel.layout import ParallelLayout
 from tulu3.planner.memory import BF16, FP32, layer_params, rank_params
-from tulu3.planner.pipeline import chunk_layers, split_kind
-from tulu3.planner.problem import Layout, Problem
+from tulu3.planner.pipeline import rank_chunk_layers
+from tulu3.planner.problem import Problem
 
 ADAM_BYTES = 30  # read grad (4) + master, m, v (12), write master, m, v (12) + bf16 weight (2)
 
@@ -72,9 +73,8 @@ def stage_passes(problem: Problem) -> list[Passes]:
     return [Passes(shape, "lm", 1, 1)]
 
 
-def _layers_on(shape: LlamaShape, layout: Layout, rank: int) -> int:
-    uneven = split_kind(shape.layers, layout.pp, layout.vpp) == "uneven"
-    return sum(chunk_layers(shape.layers, layout.pp, layout.vpp, uneven)[rank])
+def _layers_on(shape: LlamaShape, layout: ParallelLayout, rank: int) -> int:
+    return sum(rank_chunk_layers(shape.layers, layout, rank))
 
 
 def _link(problem: Problem, span: int) -> float:
@@ -84,8 +84,9 @@ def _link(problem: Problem, span: int) -> float:
     return link * spec.comm_efficiency
 
 
-def rank_microbatch_time(problem: Problem, layout: Layout, rank: int,
-                         passes: list[Passes]) -> tuple[float, float, float]:
+def rank_microbatch_time(problem: Problem, layout: ParallelLayout, rank: int,
+                         passes: list[Passes], recompute: str = "none"
+                         ) -> tuple[float, float, float]:
     """(compute, tp comm, exposed cp comm) seconds of one micro-batch on pipeline ``rank``."""
     seq = problem.seq_len
     tokens = problem.micro_seqs * seq / (layout.tp * layout.cp)  # tokens' share of one GPU
@@ -95,14 +96,14 @@ def rank_microbatch_time(problem: Problem, layout: Layout, rank: int,
         h = p.shape.hidden
         linear, _ = layer_params(p.shape)
         fwd = 2 * linear + 4 * h * seq  # per token and layer; attention QK^T + AV, unhalved
-        redo = {"full": fwd, "selective": 4 * h * seq}.get(layout.recompute, 0)
+        redo = {"full": fwd, "selective": 4 * h * seq}.get(recompute, 0)
         layers = _layers_on(p.shape, layout, rank)
         flops += tokens * layers * (p.forward * fwd + p.backward * (2 * fwd + redo))
         if rank == layout.pp - 1 and p.head == "lm":
             flops += tokens * 2 * p.shape.vocab * h * (p.forward + 2 * p.backward)
         # Two collectives per layer per forward (attention, MLP), two per backward, and the
         # recomputed forward's two again; ring all-reduce moves 2 (t-1)/t of the message.
-        collectives = 2 * p.forward + 2 * p.backward * (2 if layout.recompute == "full" else 1)
+        collectives = 2 * p.forward + 2 * p.backward * (2 if recompute == "full" else 1)
         message = BF16 * problem.micro_seqs * seq / layout.cp * h
         tp_volume += layers * collectives * 2 * (layout.tp - 1) / layout.tp * message
         cp_time += _cp_exposed(problem, layout, p, layers)
@@ -111,7 +112,7 @@ def rank_microbatch_time(problem: Problem, layout: Layout, rank: int,
     return compute, tp_time, cp_time
 
 
-def _cp_exposed(problem: Problem, layout: Layout, p: Passes, layers: int) -> float:
+def _cp_exposed(problem: Problem, layout: ParallelLayout, p: Passes, layers: int) -> float:
     """Ring attention: cp - 1 K/V chunk hops per layer forward, K/V + their grads backward,
     hidden behind the attention math of the same layer where it is long enough."""
     if layout.cp == 1:
@@ -126,12 +127,12 @@ def _cp_exposed(problem: Problem, layout: Layout, p: Passes, layers: int) -> flo
     return layers * max(0.0, comm - attention / problem.gpu_spec.achievable_flops)
 
 
-def step_time(problem: Problem, layout: Layout) -> StepTime:
+def step_time(problem: Problem, layout: ParallelLayout, recompute: str = "none") -> StepTime:
     """Estimated seconds of one step of ``problem`` on ``layout``."""
     passes = stage_passes(problem)
     micro_batches = problem.step_seqs // (layout.dp * problem.micro_seqs)
     ranks = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
-    per_rank = [rank_microbatch_time(problem, layout, r, passes) for r in ranks]
+    per_rank = [rank_microbatch_time(problem, layout, r, passes, recompute) for r in ranks]
     compute, tp_time, cp_time = max(per_rank, key=sum)
     clock = compute + tp_time + cp_time
     bubble = clock * (layout.pp - 1) / layout.vpp
@@ -143,7 +144,8 @@ def step_time(problem: Problem, layout: Layout) -> StepTime:
                     generation=generation_time(problem, layout))
 
 
-def _pp_time(problem: Problem, layout: Layout, passes: list[Passes], micro_batches: int) -> float:
+def _pp_time(problem: Problem, layout: ParallelLayout, passes: list[Passes],
+             micro_batches: int) -> float:
     """Point-to-point sends between stages: one per chunk per pass, not overlapped."""
     if layout.pp == 1:
         return 0.0
@@ -157,14 +159,14 @@ def _optimizer_steps(problem: Problem) -> int:
     return problem.ppo_epochs if problem.stage == "rlvr" else 1
 
 
-def _trained_params(problem: Problem, layout: Layout, passes: list[Passes],
+def _trained_params(problem: Problem, layout: ParallelLayout, passes: list[Passes],
                     ranks: list[int]) -> float:
     return max(sum(rank_params(p.shape, layout, r, p.head) for p in passes if p.backward)
                for r in ranks)
 
 
-def _dp_exposed(problem: Problem, layout: Layout, passes: list[Passes], ranks: list[int],
-                clock: float) -> float:
+def _dp_exposed(problem: Problem, layout: ParallelLayout, passes: list[Passes],
+                ranks: list[int], clock: float) -> float:
     """Gradient sync over the dp x cp group per optimizer step, minus one micro-batch of overlap.
 
     Distributed optimizer: reduce-scatter fp32 grads + all-gather bf16 weights, each moving
@@ -180,7 +182,7 @@ def _dp_exposed(problem: Problem, layout: Layout, passes: list[Passes], ranks: l
     return _optimizer_steps(problem) * max(0.0, comm - clock)
 
 
-def _optimizer_time(problem: Problem, layout: Layout, passes: list[Passes],
+def _optimizer_time(problem: Problem, layout: ParallelLayout, passes: list[Passes],
                     ranks: list[int]) -> float:
     """Adam is memory-bound: ADAM_BYTES per parameter of this rank's optimizer shard."""
     shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
@@ -190,7 +192,7 @@ def _optimizer_time(problem: Problem, layout: Layout, passes: list[Passes],
                                                               * spec.memory_efficiency)
 
 
-def generation_time(problem: Problem, layout: Layout) -> float:
+def generation_time(problem: Problem, layout: ParallelLayout) -> float:
     """RLVR rollouts on the training layout (in-process): compute-bound prefill, then one
     memory-bound decode step per response token that reads every pipeline stage's weights and
     half the final KV cache on average. Context parallelism does not split generation."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from tulu3.data.loading import atomic_output
 from tulu3.rewards.base import get_verifier, rlvr_reward
 from tulu3.rewards.sandbox import VerifierPool
 from tulu3.rewards.summary import format_summary, summarize
@@ -62,11 +64,16 @@ def _chunks(lines: TextIO, size: int, bad: list[str]) -> Iterator[list[dict[str,
 
 
 def score_file(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.input):
+        print(f"error: {args.input}: no such file", file=sys.stderr)
+        return 2
     with open(args.input, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
     bad: list[str] = []
     scored: list[dict[str, Any]] = []  # only the summary fields: rows are streamed out
-    with open(args.input, encoding="utf-8") as src, open(args.out, "w", encoding="utf-8") as dst, \
+    # The output is renamed into place at the end, so --out may name the input (or a file another
+    # reader uses): it is replaced only by a complete result.
+    with open(args.input, encoding="utf-8") as src, atomic_output(args.out) as dst, \
             VerifierPool(workers=args.workers, timeout_s=args.timeout) as pool, \
             tqdm(total=total, unit="row", desc="scoring", file=sys.stderr) as bar:
         for chunk in _chunks(src, args.chunk, bad):

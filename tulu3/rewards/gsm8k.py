@@ -2,9 +2,9 @@
 
 This is the Tülu 3 / open-instruct rule ("last number of the answer"), made robust where the
 original was not: a leading minus sign is kept (open-instruct dropped it, so "-5" matched "5"),
-thousands separators, "$", units and a trailing period are handled, and numbers compare by value
-(``5.0 == 5``, ``1,000 == 1000``). The ground truth may be the bare answer ("72") or a full GSM8K
-solution ending with ``#### 72``.
+thousands (and Indian lakh) separators, "$", units and a trailing period are handled, and numbers
+compare by value (``5.0 == 5``, ``1,000 == 1000``, ``1,23,456 == 123456``). The ground truth
+may be the bare answer ("72") or a full GSM8K solution ending with ``#### 72``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from tulu3.rewards.base import VerifyResult, register_verifier
 
 __all__ = ["extract_last_number", "parse_ground_truth", "verify_gsm8k"]
 
-# An unsigned number: 1,234,567 (groups of three only, so "1,2" is two numbers) or 1234, with an
-# optional decimal part, or a bare decimal like .5. A sign and "$" are looked at separately below.
-_NUMBER = re.compile(r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+")
+# An unsigned number: 1,234,567 or the Indian 1,23,456 / 12,34,56,789 (two-digit groups before the
+# last three; any other grouping, like "1,2", is two numbers) or 1234, with an optional decimal
+# part, or a bare decimal like .5. A sign and "$" are looked at separately below.
+_NUMBER = re.compile(r"(?:\d{1,2}(?:,\d{2})+,\d{3}(?!\d)|\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
+                     r"(?:\.\d+)?|\.\d+")
 _MINUS = "-\u2212"  # ASCII hyphen-minus and the Unicode minus sign (en dash means a range: no).
 # A minus right before a number is a sign unless it follows an operand ("10-5", "x-5", "(2)-5").
 _OPERAND_END = re.compile(r"[\w)\]}]")

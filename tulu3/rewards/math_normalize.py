@@ -34,7 +34,8 @@ _UNIT_WORDS = re.compile(
     r"(?<=[\d}).])\s+[A-Za-z]{2,}\.?(?:\^\{?\d\}?)?(?:\s+[A-Za-z]{2,}\.?(?:\^\{?\d\}?)?)*\s*$"
 )
 # Left-hand sides that name the answer: x, a_1, a_{12}, f(x), \theta, k.
-_LHS = re.compile(r"\s*(?:[A-Za-z](?:_\{?\w+\}?)?(?:\([A-Za-z]\))?|\\[A-Za-z]+)\s*")
+# A short left-hand side: x, BC (two letters, as the MATH normalization drops), x_1, f(x), \theta.
+_LHS = re.compile(r"\s*(?:[A-Za-z]{1,2}(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?|\\[A-Za-z]+)\s*")
 _IN_SET = re.compile(r"^\s*[A-Za-z]\s*\\in\s*")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _INT_SLASH = re.compile(r"(-?)(\d+)/(\d+)")

@@ -200,7 +200,21 @@ def answers_match(answer: str, ground_truth: str) -> tuple[bool, str]:
         return False, "empty answer"
     if a == b:
         return True, "string"
-    return (True, "equivalent") if _equal(a, b) else (False, "different")
+    if _equal(a, b):
+        return True, "equivalent"
+    rhs = _right_hand_side(a) if "=" not in b else None
+    if rhs and (rhs == b or _equal(rhs, b)):
+        return True, "right-hand side"
+    return False, "different"
+
+
+def _right_hand_side(answer: str) -> str | None:
+    """``a+b=5`` -> ``5``: the value after the last top-level ``=`` (a bare ground truth asks for
+    the value, whatever the response wrote to its left); None without one."""
+    if "=" not in answer or len(split_top_level(answer)) != 1:
+        return None
+    rhs = answer.rsplit("=", 1)[1]
+    return rhs if rhs and _balanced(rhs) else None
 
 
 def _ground_truth_answer(ground_truth: str) -> str:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from tulu3.parallel.ddp import unwrap
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.rollout.kv_cache import attention_modules, kv_cache
 from tulu3.rollout.sampling import SamplingParams, pick_tokens, row_generators, uniforms
 
@@ -66,18 +67,10 @@ class PipelineComm:
     tp: int = 1
 
     @classmethod
-    def from_parallel_state(cls) -> PipelineComm:
-        """The current megatron parallel_state's groups (single process: no communication)."""
-        if not dist.is_initialized():
-            return cls()
-        from megatron.core import parallel_state as ps
-
-        return cls(ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
-                   ps.get_pipeline_model_parallel_prev_rank(),
-                   ps.get_pipeline_model_parallel_next_rank(),
-                   ps.get_pipeline_model_parallel_last_rank(),
-                   ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_tensor_model_parallel_world_size())
+    def from_groups(cls, groups: ProcessGroups) -> PipelineComm:
+        """The TP and PP groups of this rank's :class:`~tulu3.parallel.groups.ProcessGroups`."""
+        return cls(groups.tp, groups.pp, groups.pp_prev, groups.pp_next, groups.pp_last,
+                   groups.pp_size, groups.tp_size)
 
 
 def generate(chunks: list[torch.nn.Module], prompts: Sequence[Sequence[int]],
@@ -97,13 +90,18 @@ def generate(chunks: list[torch.nn.Module], prompts: Sequence[Sequence[int]],
             independent key (e.g. its index in the global batch) for reproducible runs.
         use_cache: KV cache on (default when the model has SDPAttention) or full recompute.
         batch_size: rows per generation batch (default: all prompts at once).
-        comm: process groups (default: megatron's parallel_state).
+        comm: process groups (``PipelineComm.from_groups``); may be left out only when this
+            is the only rank (no communication).
     """
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    comm = comm or PipelineComm.from_parallel_state()
+    if comm is None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("generate: pass comm=PipelineComm.from_groups(groups) when there "
+                             "is more than one rank")
+        comm = PipelineComm()
     keys = list(range(len(prompts))) if keys is None else list(keys)
     if use_cache is None:
         use_cache = bool(attention_modules(chunks))

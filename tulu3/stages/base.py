@@ -1,4 +1,5 @@
-"""What a stage is: a micro-batch + model output -> (loss_sum, normalizer, metrics).
+"""What a stage is (a micro-batch + model output -> (loss_sum, normalizer, metrics)) and what a
+loop is (what a stage package gives the trainer: :class:`Loop`).
 
 The trainer is shared; a stage only turns numbers into a loss. ``normalizer`` is what the loss
 sum is divided by over the whole global batch (tokens for a per-token mean, sequences for
@@ -12,7 +13,7 @@ micro-batches and ranks and divided once at the end.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -35,3 +36,20 @@ class Stage(Protocol):
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss_sum scalar, normalizer scalar, metrics) for one micro-batch on the last stage."""
         ...
+
+
+class Loop(Protocol):
+    """What a stage plugs into the trainer (``build_loop`` of each tulu3/stages/ package).
+
+    Optional: ``extra_models() -> dict[str, TrainedModel]``, the models besides the policy that
+    the loop trains (PPO: ``{"value": ...}``); checkpoints save and restore them with the policy
+    (tulu3/checkpoint/training.py). Frozen models (the reference policy) are not among them.
+    ``close() -> None``: release what the loop holds (RLVR: its verifier pool);
+    :meth:`tulu3.trainer.Trainer.fit` calls it when it returns or raises.
+    """
+
+    def total_steps(self) -> int: ...
+    def train_step(self, step: int) -> dict[str, Any]: ...
+    def evaluate(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...

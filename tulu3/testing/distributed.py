@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -18,7 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tulu3.parallel.init import free_port  # also tulu3.testing.free_port, for the tests
+from tulu3.parallel.init import (  # free_port: also tulu3.testing.free_port, for the tests
+    destroy_model_parallel,
+    free_port,
+)
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
@@ -40,9 +42,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
 
 
 def _teardown() -> None:
-    parallel_state = sys.modules.get("megatron.core.parallel_state")
-    if parallel_state is not None:  # only when the test used megatron (importing it costs ~3 s)
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -5,7 +5,7 @@ Pairs whose chosen and rejected responses are the same tokens (after truncation)
 the sampler and counted. Malformed rows (different prompts, empty responses, ...) are refused
 or skipped-and-counted by the data layer (tulu3/data/examples.py, ``data.skip_bad_rows``).
 
-Reference log-probs (tulu3/reference.py) are attached to every collated micro-batch, training
+Reference log-probs (:mod:`.reference`) are attached to every collated micro-batch, training
 and eval alike: looked up in the cached table (``dpo.reference_mode=cached``), or computed by
 the frozen reference copy over the same micro-batches (``online``). simpo needs none.
 """
@@ -13,12 +13,12 @@ the frozen reference copy over the same micro-batches (``online``). simpo needs 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from megatron.core import parallel_state as ps
 
 from tulu3.config import Config, ConfigError
 from tulu3.data.packing import collate_dpo
@@ -26,8 +26,11 @@ from tulu3.data.sampler import GlobalBatchSampler
 from tulu3.model.presets import resolve_shape
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.stages.dpo import reference as ref
-from tulu3.stages.dpo.stage import DPOStage, ReferenceStage
+from tulu3.stages.dpo.stage import DPOStage, ReferenceLogps
+from tulu3.stages.forward import frozen_copy
 from tulu3.stages.supervised import SupervisedLoop
+
+log = logging.getLogger(__name__)
 
 
 class PairView:
@@ -62,14 +65,14 @@ class DPOLoop(SupervisedLoop):
         self.sampler = GlobalBatchSampler(len(self.dataset), s.global_batch, s.micro_batch,
                                           s.dp_rank, s.dp_size, s.seed, s.epochs)
         self.tokenizer_name = tokenizer.name
-        self.ref_stage = ReferenceStage(stage.shard, stage.uses_hidden)
+        self.ref_measure = ReferenceLogps(stage.shard, stage.uses_hidden)
         self.tables: dict[str, ref.ReferenceTable] = {}
         self.reference_chunks: list | None = None
         if not stage.needs_reference:
             return
         if cfg.dpo.reference_mode == "online":
-            self.reference_chunks = ref.frozen_copy(cfg.model, layout, chunks, cfg.dpo.reference,
-                                                    resolve_shape(cfg.model))
+            self.reference_chunks = frozen_copy(cfg.model, layout, self.groups, chunks,
+                                                cfg.dpo.reference, resolve_shape(cfg.model))
         elif cfg.dpo.reference_mode == "cached":
             self._build_tables()
         else:
@@ -78,9 +81,9 @@ class DPOLoop(SupervisedLoop):
 
     def _view(self, dataset: Any, split: str) -> PairView:
         view = PairView(dataset, split)
-        if view.skipped_identical and torch.distributed.get_rank() == 0:
-            print(f"[tulu3] dpo: skipped {view.skipped_identical} of {len(dataset)} {split} "
-                  "pairs whose chosen and rejected responses are identical", flush=True)
+        if view.skipped_identical:
+            log.info(f"dpo: skipped {view.skipped_identical} of {len(dataset)} {split} "
+                     "pairs whose chosen and rejected responses are identical")
         return view
 
     # --- reference log-probs ------------------------------------------------------------------
@@ -100,7 +103,7 @@ class DPOLoop(SupervisedLoop):
             pending[view.split] = (view, Path(cfg.train.run_dir) / ref.CACHE_DIR /
                                    f"{view.split}-{key}.pt")
         context = (ref.swapped_weights(self.chunks, cfg.dpo.reference, resolve_shape(cfg.model),
-                                       self.layout) if swap and not self._all_cached(pending)
+                                       self.groups) if swap and not self._all_cached(pending)
                    else contextlib.nullcontext())
         with context:
             for split, (view, file) in pending.items():
@@ -128,28 +131,27 @@ class DPOLoop(SupervisedLoop):
             groups = [g for step in range(steps) for g in self.sampler.micro_batches(step)]
             taken = set(self.sampler.permutation(0)[:steps * self.sampler.global_batch].tolist())
             rest = [i for i in range(len(view)) if i not in taken]
-            groups += ref.shard(rest, size)
+            groups += ref.shard(rest, size, self.groups)
         else:
-            groups = ref.shard(list(range(len(view))), size)
+            groups = ref.shard(list(range(len(view))), size, self.groups)
 
         def collate(index_lists: list[list[int]]) -> list[dict]:
             return SupervisedLoop.micro_batches(self, view, index_lists)
 
         return ref.compute_table(self.chunks, len(view.dataset), groups, collate, view.keep,
-                                 self.ref_stage, self.layout, view.split)
+                                 self.ref_measure, self.layout, view.split)
 
     def _report(self, split: str, table: ref.ReferenceTable) -> None:
-        if torch.distributed.get_rank() == 0:
-            verb = "reused" if table.reused else "computed"
-            print(f"[tulu3] dpo: reference log-probs ({split}) {verb}: {table.path}", flush=True)
+        verb = "reused" if table.reused else "computed"
+        log.info(f"dpo: reference log-probs ({split}) {verb}: {table.path}")
 
     def micro_batches(self, dataset: Any, index_lists: list[list[int]]) -> list[dict]:
         """Collated micro-batches with the reference log-probs of their pairs attached."""
         batches = super().micro_batches(dataset, index_lists)
         if self.reference_chunks is not None:
-            values = ref.reference_pass(self.reference_chunks, batches, self.ref_stage,
+            values = ref.reference_pass(self.reference_chunks, batches, self.ref_measure,
                                         self.layout)
-            if ps.is_pipeline_last_stage(ignore_virtual=True):  # the only ranks with a loss
+            if self.groups.last_stage:  # the only ranks with a loss
                 def lookup(ids: list[int]) -> torch.Tensor:
                     return torch.tensor([values[i] for i in ids])
 

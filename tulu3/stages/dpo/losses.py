@@ -1,27 +1,29 @@
-"""Preference losses on per-pair tensors: dpo, dpo_norm, simpo, wpo, ipo.
+"""Preference losses on per-pair tensors, and :data:`LOSSES`, the registry ``dpo.loss`` names.
 
 Every function takes sequence-level log-probs of the response tokens of P pairs (fp32 ``[P]``:
 ``policy_*`` with gradients, ``reference_*`` without) and returns a :class:`PairLosses` of
 ``[P]`` tensors: the per-pair loss and the implicit rewards the metrics report. Nothing here
-knows about models, batches or process groups (tulu3/stages/dpo.py feeds these).
+knows about models, batches or process groups (tulu3/stages/dpo/stage.py feeds these).
 
 Notation: ``h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l))`` (the policy's
 log-ratio margin over the reference's), ``sigma`` the logistic function, ``beta`` the inverse
 temperature. Chosen = y_w, rejected = y_l.
+
+A new loss is one function (the paper's math), one :data:`LOSSES` entry (a
+:class:`PreferenceLoss`: how :class:`PairInputs` + :class:`LossSettings` call it, and what it
+needs) and one hand-worked test; the stage, config validation and the stage tests read the
+registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-LOSSES = ("dpo", "dpo_norm", "simpo", "wpo", "ipo")
-NEEDS_REFERENCE = ("dpo", "dpo_norm", "wpo", "ipo")
-LENGTH_NORMALIZED = ("dpo_norm", "simpo")
-"""Losses whose log-probs are per-token means over the response (the others use sums)."""
 
 
 class PairLosses(NamedTuple):
@@ -125,3 +127,88 @@ def ipo_loss(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: T
     return PairLosses((h - 1.0 / (2.0 * beta)) ** 2,
                       (beta * (policy_chosen - reference_chosen)).detach(),
                       (beta * (policy_rejected - reference_rejected)).detach())
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+class PairInputs(NamedTuple):
+    """What the stage measured for the P pairs of a micro-batch, fp32 ``[P]`` each."""
+
+    chosen: Tensor
+    """Summed policy log-probs of the chosen responses (differentiable)."""
+    rejected: Tensor
+    """Summed policy log-probs of the rejected responses (differentiable)."""
+    chosen_tokens: Tensor
+    """|y_w|: response tokens of each chosen response (>= 1)."""
+    rejected_tokens: Tensor
+    """|y_l|: response tokens of each rejected response (>= 1)."""
+    reference_chosen: Tensor | None = None
+    """Summed reference log-probs (None for reference-free losses)."""
+    reference_rejected: Tensor | None = None
+    weights: Tensor | None = None
+    """WPO's pair weights (:func:`wpo_weights`), for losses with ``weighted``."""
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The ``dpo.*`` hyper-parameters a loss may read."""
+
+    beta: float
+    gamma_beta_ratio: float = 0.3
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One ``dpo.loss`` choice: how to compute it and what the stage must provide."""
+
+    compute: Callable[[PairInputs, LossSettings], PairLosses]
+    needs_reference: bool
+    """Whether ``reference_*`` log-probs must be in the batch (cached or online reference)."""
+    length_normalized: bool
+    """Whether it compares per-token means ``log pi(y) / |y|`` (the ``logps/*`` metrics too)."""
+    label_smoothing: bool = True
+    """Whether ``dpo.label_smoothing`` applies (refused otherwise)."""
+    weighted: bool = False
+    """Whether it needs WPO's pair weights (one more forward-only log-prob pass, and the
+    ``wpo/weight`` metric)."""
+
+
+LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": PreferenceLoss(
+        lambda p, s: dpo_loss(p.chosen, p.rejected, p.reference_chosen, p.reference_rejected,
+                              s.beta, s.label_smoothing),
+        needs_reference=True, length_normalized=False),
+    "dpo_norm": PreferenceLoss(
+        lambda p, s: dpo_norm_loss(p.chosen, p.rejected, p.reference_chosen,
+                                   p.reference_rejected, p.chosen_tokens, p.rejected_tokens,
+                                   s.beta, s.label_smoothing),
+        needs_reference=True, length_normalized=True),
+    "simpo": PreferenceLoss(
+        lambda p, s: simpo_loss(p.chosen, p.rejected, p.chosen_tokens, p.rejected_tokens, s.beta,
+                                s.gamma_beta_ratio, s.label_smoothing),
+        needs_reference=False, length_normalized=True),
+    "wpo": PreferenceLoss(
+        lambda p, s: wpo_loss(p.chosen, p.rejected, p.reference_chosen, p.reference_rejected,
+                              p.weights, s.beta, s.label_smoothing),
+        needs_reference=True, length_normalized=False, weighted=True),
+    "ipo": PreferenceLoss(
+        lambda p, s: ipo_loss(p.chosen, p.rejected, p.reference_chosen, p.reference_rejected,
+                              s.beta),
+        needs_reference=True, length_normalized=False, label_smoothing=False),
+}
+"""``dpo.loss`` name -> its :class:`PreferenceLoss` (config validation lists these names)."""
+
+
+def loss_names() -> tuple[str, ...]:
+    """The valid ``dpo.loss`` values, in registry order."""
+    return tuple(LOSSES)
+
+
+def get_loss(name: str) -> PreferenceLoss:
+    """The registry entry of ``name``; ValueError naming the valid ones for anything else."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"dpo.loss: {name!r} is not one of {loss_names()}") from None

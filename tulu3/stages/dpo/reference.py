@@ -1,9 +1,9 @@
 """Reference-model log-probs for DPO: a cached pre-pass, or a frozen copy run every step.
 
-Both modes compute the same thing the same way: a forward-only ``run_schedule`` of the reference
-weights over micro-batches of pairs, with :class:`ReferenceStage` on the last pipeline stage
-and a loss hook that records ``example_id -> (chosen, rejected)`` summed response log-probs
-(fp32). Only last-stage ranks run the loss, so only they record.
+Both modes compute the same thing the same way: a forward-only pass of the reference weights
+over micro-batches of pairs (:func:`tulu3.stages.forward.forward_pass`) measuring
+:class:`~tulu3.stages.dpo.stage.ReferenceLogps` on the last pipeline stage: ``example_id ->
+(chosen, rejected)`` summed response log-probs (fp32). Only last-stage ranks measure.
 
 - ``cached`` (``dpo.reference_mode``, default): before training, every pair of the training
   (and eval) set once, each DP rank taking its share. A world all-reduce (MAX over tables
@@ -16,8 +16,9 @@ and a loss hook that records ``example_id -> (chosen, rejected)`` summed respons
   reference is not the weights being trained (``dpo.reference`` set), its weights are loaded
   into the policy's chunks for the pre-pass and the policy's restored from a host copy
   afterwards: one model on the accelerator at any time.
-- ``online``: a frozen copy of the chunks (no DDP, no optimizer, eval mode, no grad) runs the
-  same pass over each step's micro-batches right before the step, PP included.
+- ``online``: a frozen copy of the chunks (:func:`tulu3.stages.forward.frozen_copy`: no DDP, no
+  optimizer, eval mode, no grad) runs the same pass over each step's micro-batches right before
+  the step, PP included.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -34,52 +36,29 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from tulu3.parallel.ddp import unwrap
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
-from tulu3.stages.dpo.stage import REF_KEYS, ReferenceStage
-from tulu3.step import run_schedule
+from tulu3.stages.dpo.stage import REF_KEYS, ReferenceLogps
+from tulu3.stages.forward import forward_pass
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 CACHE_DIR = "ref_logprobs"
 
 
-class Recorder:
-    """run_schedule loss hook: collects ``example_id -> (chosen, rejected)`` on the last stage."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, tuple[float, float]] = {}
-
-    def __call__(self, batch: dict, loss_sum: torch.Tensor, metrics: dict) -> None:
-        ids = batch["example_ids"][0::2].tolist()
-        chosen, rejected = (metrics[k].float().cpu().tolist() for k in REF_KEYS)
-        self.values.update(zip(ids, zip(chosen, rejected, strict=True), strict=True))
-
-
-@contextlib.contextmanager
-def eval_mode(chunks: list[torch.nn.Module]) -> Iterator[None]:
-    """Chunks in eval mode and autograd off; train mode restored afterwards."""
-    modes = [chunk.training for chunk in chunks]
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for chunk, mode in zip(chunks, modes, strict=True):
-            chunk.train(mode)
-
-
 def reference_pass(chunks: list[torch.nn.Module], micro_batches: list[dict],
-                   stage: ReferenceStage, layout: ParallelLayout) -> dict[int, tuple[float, float]]:
+                   measure: ReferenceLogps, layout: ParallelLayout
+                   ) -> dict[int, tuple[float, float]]:
     """Forward-only pass; ``example_id -> (chosen, rejected)`` sums on last-stage ranks, ``{}``
     elsewhere. Collective over the world (the schedule's metrics are all-reduced)."""
-    recorder = Recorder()
-    with eval_mode(chunks):
-        run_schedule(chunks, micro_batches, stage, layout, forward_only=True,
-                     loss_hook=recorder)
-    return recorder.values
+    out = forward_pass(chunks, micro_batches, measure, layout)
+    if not out:
+        return {}
+    chosen, rejected = (out[key] for key in REF_KEYS)
+    return {i: (float(chosen[i]), float(rejected[i])) for i in chosen}
 
 
 def attach(batch: dict, values: Callable[[list[int]], torch.Tensor]) -> dict:
@@ -158,16 +137,15 @@ def load_or_compute(path: Path, size: int, compute: Callable[[], torch.Tensor]
     return ReferenceTable(table, path, reused)
 
 
-def shard(indices: list[int], micro_batch: int) -> list[list[int]]:
+def shard(indices: list[int], micro_batch: int, groups: ProcessGroups) -> list[list[int]]:
     """This DP rank's share of ``indices`` (every dp-th), cut into micro-batches."""
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = indices[dp_rank::dp]
+    mine = indices[groups.dp_rank::groups.dp_size]
     return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
 
 def compute_table(chunks: list[torch.nn.Module], size: int, groups: list[list[int]],
                   collate: Callable[[list[list[int]]], list[dict]], expected: np.ndarray,
-                  stage: ReferenceStage, layout: ParallelLayout, label: str) -> torch.Tensor:
+                  measure: ReferenceLogps, layout: ParallelLayout, label: str) -> torch.Tensor:
     """The pre-pass over this DP rank's micro-batches ``groups`` (positions ``collate``
     understands); returns the whole ``[size, 2]`` table on every rank, checked to hold every
     dataset index in ``expected``.
@@ -176,7 +154,7 @@ def compute_table(chunks: list[torch.nn.Module], size: int, groups: list[list[in
     schedule (which needs that): a shorter list repeats its last one (the same pairs in the same
     micro-batch give the same values, which MAX leaves unchanged).
     """
-    multiple = layout.pp if layout.vpp > 1 else 1
+    multiple = layout.micro_batch_multiple
     count = torch.tensor([float(len(groups))])
     world_all_reduce(count, dist.ReduceOp.MAX)
     count = -(-int(count.item()) // multiple) * multiple
@@ -186,14 +164,14 @@ def compute_table(chunks: list[torch.nn.Module], size: int, groups: list[list[in
     block = -(-64 // multiple) * multiple  # micro-batches per schedule call (progress lines)
     started = time.monotonic()
     for start in range(0, count, block):
-        values = reference_pass(chunks, collate(groups[start:start + block]), stage, layout)
+        values = reference_pass(chunks, collate(groups[start:start + block]), measure, layout)
         if values:
             ids = torch.as_tensor(list(values), dtype=torch.long)
             table[ids] = torch.tensor(list(values.values()), dtype=torch.float32)
-        if dist.get_rank() == 0 and count > block:
+        if count > block:
             done = min(start + block, count)
-            print(f"[tulu3] dpo: reference log-probs ({label}) {done}/{count} micro-batches, "
-                  f"{time.monotonic() - started:.0f} s", flush=True)
+            log.info(f"dpo: reference log-probs ({label}) {done}/{count} micro-batches, "
+                     f"{time.monotonic() - started:.0f} s")
     world_all_reduce(table, dist.ReduceOp.MAX)
     missing = torch.isinf(table[torch.as_tensor(expected, dtype=torch.long)]).any(dim=1)
     if bool(missing.any()):
@@ -204,14 +182,14 @@ def compute_table(chunks: list[torch.nn.Module], size: int, groups: list[list[in
 
 @contextlib.contextmanager
 def swapped_weights(chunks: list[torch.nn.Module], path: str, shape: Any,
-                    layout: ParallelLayout) -> Iterator[None]:
+                    groups: ProcessGroups) -> Iterator[None]:
     """Load the checkpoint ``path`` into the chunks for the duration of the block; the weights
     they held are kept on the host meanwhile and copied back afterwards."""
     from tulu3.checkpoint.load import load_into_chunks
 
     modules = [unwrap(chunk) for chunk in chunks]
     saved = [[p.detach().to("cpu", copy=True) for p in m.parameters()] for m in modules]
-    load_into_chunks(path, modules, shape, layout)
+    load_into_chunks(path, modules, shape, groups)
     try:
         yield
     finally:
@@ -243,32 +221,3 @@ def _jsonable(obj: Any) -> Any:
 
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
-
-# --- online mode ----------------------------------------------------------------------------
-
-
-def frozen_copy(model_cfg: Any, layout: ParallelLayout, chunks: list[torch.nn.Module],
-                path: str | None, shape: Any) -> list[torch.nn.Module]:
-    """A second set of this rank's chunks holding the reference weights (``path``, or a copy of
-    ``chunks``' current weights): no DDP, eval mode, no gradients. The build does not move the
-    global RNG streams the run draws from."""
-    from tulu3.checkpoint.training import rng_state, set_rng_state
-    from tulu3.model.build import build_model_chunks
-
-    state = rng_state()
-    reference = build_model_chunks(model_cfg, layout)
-    set_rng_state(state)
-    if path is not None:
-        from tulu3.checkpoint.load import load_into_chunks
-
-        load_into_chunks(path, reference, shape, layout)
-    else:
-        with torch.no_grad():
-            for ref, chunk in zip(reference, chunks, strict=True):
-                for mine, theirs in zip(ref.parameters(), unwrap(chunk).parameters(),
-                                        strict=True):
-                    mine.copy_(theirs)
-    for chunk in reference:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return reference

@@ -1,16 +1,18 @@
-"""Preference optimization (``dpo.loss``: dpo_norm, dpo, simpo, wpo, ipo) on one micro-batch.
+"""Preference optimization (``dpo.loss``, a name of :data:`.losses.LOSSES`) on one micro-batch.
 
 Sequences ``2i`` (chosen) and ``2i + 1`` (rejected) of a micro-batch are pair ``i``
 (tulu3/data/packing.py): both went through the model in the same forward, padded or packed.
 Per-token log-probs come from :func:`token_logprobs` (never the whole vocabulary) and are summed
-per sequence with ``seq_ids``; the pure losses are in ``dpo_losses.py``. Reference log-probs
-(summed, fp32) arrive in the batch as ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]``,
-put there by tulu3/loops/dpo.py from its cache or its frozen reference model.
+per sequence with ``seq_ids``; the pure losses and their registry are in :mod:`.losses`.
+Reference log-probs (summed, fp32) arrive in the batch as ``ref_chosen_logps`` /
+``ref_rejected_logps`` ``[P]``, put there by :mod:`.loop` from its cache or its frozen reference
+model; :class:`ReferenceLogps` is what computes them (a :mod:`tulu3.stages.forward` measure).
 
 The normalizer is the number of pairs, so the step's loss is the mean over the global batch's
 pairs. Metrics (means over pairs): ``loss``, ``rewards/{chosen,rejected,accuracy,margin}``
 (the loss's implicit rewards; accuracy counts chosen > rejected) and ``logps/{chosen,rejected}``
-(the policy log-probs the loss uses: per-token means for dpo_norm / simpo, sums otherwise).
+(the policy log-probs the loss uses: per-token means for length-normalized losses such as
+dpo_norm / simpo, sums otherwise); ``wpo/weight`` for weighted losses.
 """
 
 from __future__ import annotations
@@ -82,32 +84,35 @@ class DPOStage:
     def __init__(self, shard: VocabShard, loss: str = "dpo_norm", beta: float = 5.0,
                  gamma_beta_ratio: float = 0.3, label_smoothing: float = 0.0,
                  fused: bool = True) -> None:
-        if loss not in dpo_losses.LOSSES:
-            raise ValueError(f"dpo.loss: {loss!r} is not one of {dpo_losses.LOSSES}")
+        self.spec = dpo_losses.get_loss(loss)
         if beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        if loss == "ipo" and label_smoothing:
-            raise ValueError("dpo.label_smoothing does not apply to dpo.loss=ipo")
+        if label_smoothing and not self.spec.label_smoothing:
+            raise ValueError(f"dpo.label_smoothing does not apply to dpo.loss={loss}")
         self.shard, self.loss_name, self.beta = shard, loss, beta
         self.gamma_beta_ratio, self.label_smoothing = gamma_beta_ratio, label_smoothing
+        self.settings = dpo_losses.LossSettings(beta, gamma_beta_ratio, label_smoothing)
         self.uses_hidden = fused
-        self.needs_reference = loss in dpo_losses.NEEDS_REFERENCE
-        self.metric_names = PAIR_METRICS + (("wpo/weight",) if loss == "wpo" else ())
+        self.needs_reference = self.spec.needs_reference
+        self.metric_names = PAIR_METRICS + (("wpo/weight",) if self.spec.weighted else ())
 
     def loss(self, batch: dict, output: Tensor, model: torch.nn.Module
              ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         logprobs, _ = token_logprobs(model, output, batch["labels"], self.shard, self.uses_hidden)
         policy = pair_logps(batch, logprobs)
         weights = None
-        if self.loss_name == "wpo":
+        if self.spec.weighted:
             weights = self._wpo_weights(batch, output, model, logprobs, policy)
-        out = self._pair_losses(policy, self._reference(batch), weights)
+        ref_chosen, ref_rejected = self._reference(batch)
+        inputs = dpo_losses.PairInputs(policy.chosen, policy.rejected, policy.chosen_tokens,
+                                       policy.rejected_tokens, ref_chosen, ref_rejected, weights)
+        out = self.spec.compute(inputs, self.settings)
         pairs = policy.chosen.numel()
         loss_sum = out.losses.sum()
         used_chosen, used_rejected = policy.chosen.detach(), policy.rejected.detach()
-        if self.loss_name in dpo_losses.LENGTH_NORMALIZED:
+        if self.spec.length_normalized:
             used_chosen = used_chosen / policy.chosen_tokens
             used_rejected = used_rejected / policy.rejected_tokens
         margin = out.chosen_rewards - out.rejected_rewards
@@ -125,31 +130,16 @@ class DPOStage:
             metrics["wpo/weight"] = metric(weights.sum(), pairs)
         return loss_sum, torch.tensor(pairs, dtype=torch.int, device=loss_sum.device), metrics
 
-    def _reference(self, batch: dict) -> tuple[Tensor, ...]:
-        """(chosen, rejected) reference sums, or () for the reference-free simpo."""
+    def _reference(self, batch: dict) -> tuple[Tensor | None, Tensor | None]:
+        """(chosen, rejected) reference sums, or (None, None) for reference-free losses."""
         if not self.needs_reference:
-            return ()
+            return None, None
         missing = [k for k in REF_KEYS if k not in batch]
         if missing:
             raise ValueError(f"dpo.loss={self.loss_name} needs reference log-probs, and the "
-                             f"micro-batch has no {missing} (tulu3/loops/dpo.py adds them)")
+                             f"micro-batch has no {missing} (tulu3/stages/dpo/loop.py adds "
+                             "them)")
         return batch[REF_KEYS[0]].float(), batch[REF_KEYS[1]].float()
-
-    def _pair_losses(self, policy: PairLogps, reference: tuple[Tensor, ...],
-                     weights: Tensor | None) -> dpo_losses.PairLosses:
-        name, beta, smooth = self.loss_name, self.beta, self.label_smoothing
-        chosen, rejected, chosen_tokens, rejected_tokens = policy
-        if name == "dpo":
-            return dpo_losses.dpo_loss(chosen, rejected, *reference, beta, smooth)
-        if name == "dpo_norm":
-            return dpo_losses.dpo_norm_loss(chosen, rejected, *reference, chosen_tokens,
-                                            rejected_tokens, beta, smooth)
-        if name == "simpo":
-            return dpo_losses.simpo_loss(chosen, rejected, chosen_tokens, rejected_tokens, beta,
-                                         self.gamma_beta_ratio, smooth)
-        if name == "wpo":
-            return dpo_losses.wpo_loss(chosen, rejected, *reference, weights, beta, smooth)
-        return dpo_losses.ipo_loss(chosen, rejected, *reference, beta)
 
     def _wpo_weights(self, batch: dict, output: Tensor, model: torch.nn.Module,
                      logprobs: Tensor, policy: PairLogps) -> Tensor:
@@ -166,27 +156,17 @@ class DPOStage:
                                           rejected / policy.rejected_tokens)
 
 
-class ReferenceStage:
-    """Forward-only: the summed response log-probs of each pair under the (reference) model.
-
-    ``loss`` returns a zero loss; its metrics carry, besides ``pairs``, the per-pair values under
-    ``REF_KEYS`` for run_schedule's ``loss_hook`` to record (reduce_metrics reads only
-    ``metric_names``).
-    """
-
-    name = "dpo_reference"
-    metric_names = ("pairs",)
+class ReferenceLogps:
+    """Forward-only measure (:func:`tulu3.stages.forward.forward_pass`): the summed response
+    log-probs of each pair under the (reference) model, keyed by the pair's example id:
+    ``REF_KEYS[0]`` (chosen) and ``REF_KEYS[1]`` (rejected), fp32 ``[P]`` each."""
 
     def __init__(self, shard: VocabShard, fused: bool = True) -> None:
         self.shard = shard
         self.uses_hidden = fused
 
-    def loss(self, batch: dict, output: Tensor, model: torch.nn.Module
-             ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def __call__(self, batch: dict, output: Tensor, model: torch.nn.Module
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
         logprobs, _ = token_logprobs(model, output, batch["labels"], self.shard, self.uses_hidden)
         sums = pair_logps(batch, logprobs.detach())
-        pairs = sums.chosen.numel()
-        metrics = {"pairs": metric(pairs, 0), REF_KEYS[0]: sums.chosen,
-                   REF_KEYS[1]: sums.rejected}
-        zero = logprobs.new_zeros(())
-        return zero, torch.tensor(pairs, dtype=torch.int, device=zero.device), metrics
+        return batch["example_ids"][0::2], {REF_KEYS[0]: sums.chosen, REF_KEYS[1]: sums.rejected}

@@ -40,15 +40,13 @@ the update steps); PPO: ``value_loss``, ``explained_variance`` (of the rollout's
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from tulu3.checkpoint.training import TrainedModel
 from tulu3.config import Config, ConfigError
@@ -56,9 +54,10 @@ from tulu3.data.dataset import build_dataset
 from tulu3.data.sampler import GlobalBatchSampler
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.rewards import VerifierPool, VerifyResult, rlvr_reward
-from tulu3.rollout import SamplingParams, generate
+from tulu3.rollout import PipelineComm, SamplingParams, generate
 from tulu3.rollout.batch import RolloutBatch
 from tulu3.rollout.kv_cache import attention_modules
+from tulu3.stages.forward import forward_pass
 from tulu3.stages.logprobs import VocabShard
 from tulu3.stages.rlvr.losses import (
     explained_variance,
@@ -70,8 +69,10 @@ from tulu3.stages.rlvr.losses import (
     whiten,
 )
 from tulu3.stages.rlvr.models import ValueModel, build_reference
-from tulu3.stages.rlvr.stage import CaptureStage, RLVRPolicyStage, ValueStage
-from tulu3.step import run_schedule, train_step
+from tulu3.stages.rlvr.stage import RLVRPolicyStage, TokenLogprobs, TokenValues, ValueStage
+from tulu3.step import train_step
+
+log = logging.getLogger(__name__)
 
 POLICY_KEYS = ("old_logprobs", "ref_logprobs", "advantages")
 VALUE_KEYS = ("old_values", "returns")
@@ -124,12 +125,11 @@ class RLVRLoop:
         validate_rlvr(cfg, layout)
         self.cfg, self.rl, self.tok, self.chunks = cfg, cfg.rlvr, tokenizer, chunks
         self.trainer, self.layout, self.shard = trainer, layout, shard
-        self.dp_group = ps.get_data_parallel_group()
-        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.pp_group, self.pp_last = (ps.get_pipeline_model_parallel_group(),
-                                       ps.get_pipeline_model_parallel_last_rank())
-        self.mp_group = ps.get_model_parallel_group()
-        self.scorer = dist.get_global_rank(self.mp_group, 0)
+        groups = trainer.groups
+        self.dp_group, self.dp_rank, self.dp = groups.dp, groups.dp_rank, groups.dp_size
+        self.pp_group, self.pp_last = groups.pp, groups.pp_last
+        self.mp_group, self.scorer = groups.mp, groups.mp_first
+        self.comm = PipelineComm.from_groups(groups)
         data = cfg.data
         common = dict(tok=tokenizer, max_len=data.max_len, add_bos=data.add_bos,
                       cache_dir=data.cache_dir or f"{cfg.train.run_dir}/../.cache/tokenized",
@@ -145,16 +145,17 @@ class RLVRLoop:
                                           self.dp, train.seed, train.epochs)
         self.policy_stage = RLVRPolicyStage(shard, self.rl.algo, self.rl.clip, self.rl.kl_beta,
                                             cfg.model.fused_logprobs, self.rl.temperature)
-        self.reference = build_reference(cfg, chunks, layout) if self.rl.kl_beta > 0 else None
-        self.value = (ValueModel(cfg, layout, self.total_steps())
+        self.reference = (build_reference(cfg, chunks, layout, trainer.groups)
+                          if self.rl.kl_beta > 0 else None)
+        self.value = (ValueModel(cfg, layout, trainer.groups, self.total_steps())
                       if self.rl.algo == "ppo" else None)
         self.value_stage = ValueStage(self.rl.vf_coef, self.rl.value_clip)
         self.pool = (VerifierPool(self.rl.verifier_workers, self.rl.verifier_timeout_s)
                      if dist.get_rank() == self.scorer else None)
-        if not attention_modules(chunks) and dist.get_rank() == 0:
-            print(f"[tulu3] warning: model.spec={cfg.model.spec} has no KV cache hook: generation "
-                  "recomputes the whole sequence at every step (slow); use model.spec=torch "
-                  "for RLVR", flush=True)
+        if not attention_modules(chunks):
+            log.warning(f"warning: model.spec={cfg.model.spec} has no KV cache hook: generation "
+                        "recomputes the whole sequence at every step (slow); use "
+                        "model.spec=torch for RLVR")
 
     def total_steps(self) -> int:
         steps = len(self.sampler)
@@ -189,7 +190,7 @@ class RLVRLoop:
         params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, self.cfg.train.seed)
         started = time.monotonic()
         results = generate(self.chunks, ids, params, self.shard.vocab, [self.tok.eos_id],
-                           keys=keys)
+                           keys=keys, comm=self.comm)
         gen_s = time.monotonic() - started
         items = [(prompts[i // samples].dataset, self._text(r.tokens),
                   prompts[i // samples].ground_truth) for i, r in enumerate(results)]
@@ -229,20 +230,17 @@ class RLVRLoop:
         """Old (and reference) log-probs, entropy and PPO's values for every row, on all ranks."""
         rows, size = list(range(len(batch))), self._rows_per_micro_batch()
         fused, temperature = self.cfg.model.fused_logprobs, self.rl.temperature
-        passes = [(self.chunks, CaptureStage("logprobs", self.shard, fused, True, temperature),
+        passes = [(self.chunks, TokenLogprobs(self.shard, fused, True, temperature),
                    {"logprobs": "old_logprobs", "entropy": "entropy"})]
         if self.reference is not None:
-            passes.append((self.reference,
-                           CaptureStage("logprobs", self.shard, fused, False, temperature),
+            passes.append((self.reference, TokenLogprobs(self.shard, fused, False, temperature),
                            {"logprobs": "ref_logprobs"}))
         if self.value is not None:
-            passes.append((self.value.chunks, CaptureStage("values"), {"values": "old_values"}))
-        for chunks, stage, names in passes:
-            with _eval_mode(chunks), torch.no_grad():
-                run_schedule(chunks, batch.micro_batches(rows, size), stage, self.layout,
-                             forward_only=True)
+            passes.append((self.value.chunks, TokenValues(), {"values": "old_values"}))
+        for chunks, measure, names in passes:
+            outputs = forward_pass(chunks, batch.micro_batches(rows, size), measure, self.layout)
             for captured, name in names.items():
-                batch.put(name, stage.store.get(captured, {}))
+                batch.put(name, outputs.get(captured, {}))
                 if self.layout.pp > 1:
                     dist.broadcast(batch.per_token[name], src=self.pp_last, group=self.pp_group)
         if self.reference is None:
@@ -326,7 +324,7 @@ class RLVRLoop:
                                                     self.dp)]
         params = SamplingParams(self.rl.max_new_tokens)
         results = generate(self.chunks, [p.prompt_ids for p in mine], params, self.shard.vocab,
-                           [self.tok.eos_id])
+                           [self.tok.eos_id], comm=self.comm)
         verdict = self._score([(p.dataset, self._text(r.tokens), p.ground_truth)
                                for p, r in zip(mine, results, strict=True)])
         sums = torch.tensor([float(verdict[:, 0].sum()),
@@ -349,22 +347,10 @@ class RLVRLoop:
         return {"value": self.value.trained()} if self.value is not None else {}
 
     def close(self) -> None:
+        """Stop the verifier workers (the trainer calls it when fit returns or raises)."""
         if self.pool is not None:
             self.pool.close()
             self.pool = None
-
-
-@contextmanager
-def _eval_mode(chunks: list) -> Iterator[None]:
-    """The chunks in eval mode for a forward-only pre-pass (restored afterwards)."""
-    was = [chunk.training for chunk in chunks]
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        yield
-    finally:
-        for chunk, training in zip(chunks, was, strict=True):
-            chunk.train(training)
 
 
 def build_loop(trainer: Any, tokenizer: Any, chunks: list, shard: VocabShard) -> RLVRLoop:

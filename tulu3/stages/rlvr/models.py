@@ -20,37 +20,32 @@ import torch
 
 from tulu3.checkpoint.training import TrainedModel
 from tulu3.config import Config
-from tulu3.model.build import build_model_chunks
 from tulu3.optim import build_optimizer
 from tulu3.parallel.ddp import unwrap, wrap_ddp
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
+from tulu3.stages.forward import frozen_copy
 
 
-def build_reference(cfg: Config, policy_chunks: list, layout: ParallelLayout
-                    ) -> list[torch.nn.Module]:
-    """Frozen chunks holding a copy of the policy's current weights.
+def build_reference(cfg: Config, policy_chunks: list, layout: ParallelLayout,
+                    groups: ProcessGroups) -> list[torch.nn.Module]:
+    """Frozen chunks holding a copy of the policy's current weights (``groups``: the run's).
 
     Called when the loop is built, before the trainer resumes (tulu3.run.run_stage: model ->
     loop -> optimizer -> fit, which resumes), so the policy still holds ``model.load``'s weights
     (or its seeded initialisation): on a resume too the reference is the run's start, not the
     resumed policy. That is cheaper than saving the reference in every checkpoint (a second
     full model on disk) and reads no file. Building the loop after the resume would break it.
+    The build leaves the run's RNG streams where they were (:func:`frozen_copy`).
     """
-    chunks = build_model_chunks(cfg.model, layout)
-    for ref, policy in zip(chunks, policy_chunks, strict=True):
-        source = dict(unwrap(policy).named_parameters())
-        with torch.no_grad():
-            for name, param in ref.named_parameters():
-                param.copy_(source[name])
-                param.requires_grad_(False)
-        ref.eval()
-    return chunks
+    return frozen_copy(cfg.model, layout, groups, policy_chunks)
 
 
 class ValueModel:
     """PPO's value model: chunks (DDP-wrapped), optimizer and scheduler."""
 
-    def __init__(self, cfg: Config, layout: ParallelLayout, total_steps: int) -> None:
+    def __init__(self, cfg: Config, layout: ParallelLayout, groups: ProcessGroups,
+                 total_steps: int) -> None:
         from tulu3.model.presets import resolve_shape, with_shape
         from tulu3.model.scalar_head import build_scalar_chunks, load_scalar_weights
 
@@ -61,10 +56,11 @@ class ValueModel:
 
             model_cfg = with_shape(dataclasses.replace(cfg.model, load=source),
                                    checkpoint_shape(source))
-        chunks = build_scalar_chunks(model_cfg, layout)
         self.shape = resolve_shape(model_cfg)
+        layout = layout.for_layers(self.shape.layers)  # its own pipeline split (another depth)
+        chunks = build_scalar_chunks(model_cfg, layout, groups)
         if source:
-            load_scalar_weights(source, chunks, self.shape, layout)
+            load_scalar_weights(source, chunks, self.shape, groups)
         self.chunks = wrap_ddp(chunks, layout)
         value_cfg = dataclasses.replace(cfg, model=model_cfg)
         self.optimizer, self.scheduler = build_optimizer(value_cfg, self.chunks, total_steps)

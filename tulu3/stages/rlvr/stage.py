@@ -1,9 +1,10 @@
-"""RLVR stages: the policy loss (PPO or GRPO), the value loss, and the pre-pass captures.
+"""RLVR stages: the policy loss (PPO or GRPO), the value loss, and the pre-pass measures.
 
-A micro-batch (tulu3/loops/rlvr.py ``micro_batch``) holds prompt + response rows, right-padded,
-with per-token tensors aligned to ``labels``: ``loss_mask`` (1 on response tokens),
-``old_logprobs``, ``ref_logprobs``, ``advantages``, and for the value model ``old_values`` and
-``returns``. The math is in :mod:`tulu3.stages.rlvr.losses`; these classes only reduce it.
+A micro-batch (:meth:`tulu3.rollout.batch.RolloutBatch.micro_batches`) holds prompt + response
+rows, right-padded, with per-token tensors aligned to ``labels``: ``loss_mask`` (1 on response
+tokens), ``old_logprobs``, ``ref_logprobs``, ``advantages``, and for the value model
+``old_values`` and ``returns``. The math is in :mod:`tulu3.stages.rlvr.losses`; these classes
+only reduce it.
 
 Log-probs (old, reference, current) are those of the sampling distribution: the model's output
 divided by ``rlvr.temperature`` (hidden states for the fused kernel, logits otherwise: the same
@@ -98,39 +99,33 @@ class ValueStage:
         return self.vf_coef * unscaled, tokens.to(torch.int), metrics
 
 
-class CaptureStage:
-    """Forward-only pre-pass: stores per-token outputs of each row by ``example_ids``.
+class TokenLogprobs:
+    """Forward-only measure (:func:`tulu3.stages.forward.forward_pass`) of an LM: each row's
+    label log-probs ``logprobs`` [n, s] at the sampling ``temperature`` (and ``entropy`` [n, s]
+    when ``with_entropy``), keyed by ``example_ids``."""
 
-    ``kind="logprobs"``: log-probs of the labels (and entropy when ``with_entropy``) from an LM;
-    ``kind="values"``: the scalar head's per-position scores. Results land in ``self.store``
-    (``{name: {example_id: tensor [s]}}``) on the last pipeline stage.
-    """
+    def __init__(self, shard: VocabShard, fused: bool = True, with_entropy: bool = False,
+                 temperature: float = 1.0) -> None:
+        self.shard, self.with_entropy, self.temperature = shard, with_entropy, temperature
+        self.uses_hidden = fused
 
-    name = "capture"
-    metric_names = ("captured",)
+    def __call__(self, batch: dict, output: torch.Tensor, model: torch.nn.Module
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs, entropy = token_logprobs(model, tempered(output, self.temperature),
+                                           batch["labels"], self.shard, self.uses_hidden,
+                                           self.with_entropy)
+        outputs = {"logprobs": logprobs}
+        if entropy is not None:
+            outputs["entropy"] = entropy
+        return batch["example_ids"], outputs
 
-    def __init__(self, kind: str, shard: VocabShard | None = None, fused: bool = True,
-                 with_entropy: bool = False, temperature: float = 1.0) -> None:
-        self.kind, self.shard, self.with_entropy = kind, shard, with_entropy
-        self.temperature = temperature
-        self.uses_hidden = fused and kind == "logprobs"
-        self.store: dict[str, dict[int, torch.Tensor]] = {}
 
-    def loss(self, batch: dict, output: torch.Tensor, model: torch.nn.Module
-             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        if self.kind == "values":
-            outputs = {"values": output.float()}
-        else:
-            logprobs, entropy = token_logprobs(model, tempered(output, self.temperature),
-                                               batch["labels"], self.shard, self.uses_hidden,
-                                               self.with_entropy)
-            outputs = {"logprobs": logprobs}
-            if entropy is not None:
-                outputs["entropy"] = entropy
-        for name, values in outputs.items():
-            rows = self.store.setdefault(name, {})
-            for row, example in enumerate(batch["example_ids"].tolist()):
-                rows[example] = values[row].detach().cpu()
-        zero = output.sum() * 0.0
-        count = batch["example_ids"].numel()
-        return zero, torch.tensor(count, dtype=torch.int), {"captured": metric(count, 0)}
+class TokenValues:
+    """Forward-only measure of a value model (tulu3.model.scalar_head): each row's
+    per-position scores ``values`` [n, s] (fp32), keyed by ``example_ids``."""
+
+    uses_hidden = False
+
+    def __call__(self, batch: dict, output: torch.Tensor, model: torch.nn.Module
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return batch["example_ids"], {"values": output.float()}

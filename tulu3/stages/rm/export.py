@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from tulu3.model.presets import LlamaShape
+from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
 
 
@@ -54,9 +55,10 @@ def export_reward_model(chunks: list[torch.nn.Module], shape: LlamaShape,
                         layout: ParallelLayout, out_dir: str | Path, pad_token_id: int, *,
                         eos_token_id: int | None = None, dtype: torch.dtype | None = None,
                         hf_config: dict | None = None, tokenizer: str | Path | None = None,
-                        groups: Any = None) -> None:
+                        groups: ProcessGroups) -> None:
     """Write ``out_dir`` as an HF LlamaForSequenceClassification from live ScalarHeadModel chunks
-    (unwrapped, this rank's). Collective: every rank calls it; rank 0 writes."""
+    (unwrapped, this rank's; ``groups`` their process groups). Collective: every rank calls it;
+    rank 0 writes."""
     from tulu3.checkpoint.export import export_hf_from_chunks
 
     export_hf_from_chunks(chunks, shape, layout, out_dir, dtype=dtype, hf_config=hf_config,

@@ -1,4 +1,4 @@
-"""launch/bench_step.py: the tiny CPU run gives every row; tulu3 and HF compute the same loss."""
+"""bench_step.py: the tiny CPU run gives every row; tulu3 and HF compute the same loss."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "launch" / "bench_step.py"
+SCRIPT = Path(__file__).resolve().parent / "bench_step.py"
 SYSTEMS = {"tulu3", "hf", "dpo", "logprob_fused", "logprob_naive"}
 
 

@@ -28,6 +28,8 @@ from trainer_harness import tiny_data
 
 from tulu3.testing import run_distributed_test
 
+pytestmark = pytest.mark.distributed
+
 STEPS, STOP = 3, 1
 PPO = ["rlvr.algo=ppo", "rlvr.samples_per_prompt=2", "rlvr.ppo_epochs=2", "rlvr.mini_batches=1",
        "rlvr.kl_beta=0.05", "rlvr.whiten_advantages=true", "rlvr.max_new_tokens=6",

@@ -1,10 +1,12 @@
-"""SFT throughput benchmark: ``torchrun --nproc-per-node N launch/bench_sft.py [--set k=v ...]``.
+"""SFT throughput benchmark, from the repository root:
+
+    torchrun --nproc-per-node N tests/benchmarks/bench_sft.py [--set k=v ...]
 
 Runs the real SFT stage (tulu3.train's code path) on synthetic data for a few steps and prints
 the median tokens/s over the steps after warm-up, and on GPU the model TFLOP/s per GPU and MFU.
 Defaults: the tiny recipe on CPU. Example on one 8-GPU node:
 
-    torchrun --nproc-per-node 8 launch/bench_sft.py --set model.preset=llama3.1-8b \\
+    torchrun --nproc-per-node 8 tests/benchmarks/bench_sft.py --set model.preset=llama3.1-8b \\
         parallel.tp=8 parallel.pp=1 model.dtype=bf16 data.max_len=4096 train.micro_batch=1
 """
 
@@ -44,7 +46,7 @@ def main() -> None:
     overrides = [f"data.tokenizer={out / 'data' / 'tokenizer.model'}",
                  f"data.train={out / 'data' / 'sft.jsonl'}", f"train.run_dir={out / 'run'}",
                  f"train.max_steps={args.steps}", "train.save_every=0", "train.plots=false",
-                 "train.resume=none", "data.pack=true", *args.overrides]
+                 "train.resume=none", "data.pack=true", "data.eval=null", *args.overrides]
     cfg = load_config("launch/recipes/tiny-sft.yaml", overrides)
     run_stage(cfg, "sft")
     if dist.get_rank() != 0:

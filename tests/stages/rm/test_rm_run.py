@@ -24,7 +24,9 @@ from tulu3.demo.data import RM_EVAL_PAIRS
 from tulu3.metrics import read_metrics
 from tulu3.testing import run_distributed_test
 
-SCRATCH_RECIPE = str(Path(__file__).resolve().parents[2] / "launch/recipes/tiny-rm-scratch.yaml")
+pytestmark = pytest.mark.distributed
+
+SCRATCH_RECIPE = str(Path(__file__).resolve().parents[3] / "launch/recipes/tiny-rm-scratch.yaml")
 RECIPE = load_config(SCRATCH_RECIPE)
 STEPS, PAIRS_PER_STEP, MAX_LEN = (RECIPE.train.max_steps, RECIPE.train.global_batch,
                                   RECIPE.data.max_len)
@@ -68,6 +70,7 @@ def _score_at_layouts(ckpt: str, tokenizer: str, convs: list, hf_out: str) -> di
     from megatron.core import parallel_state as ps
 
     from tulu3.data.tokenizer import load_tokenizer
+    from tulu3.parallel.groups import ProcessGroups
     from tulu3.parallel.init import init_model_parallel
     from tulu3.parallel.layout import make_layout
     from tulu3.stages.rm.export import export_reward_model
@@ -79,12 +82,13 @@ def _score_at_layouts(ckpt: str, tokenizer: str, convs: list, hf_out: str) -> di
         cfg = load_config(None, overrides)
         layout = make_layout(cfg, 2)
         init_model_parallel(layout, seed=1)
-        chunks, shape = load_reward_model(ckpt, cfg.model, layout)
-        out[name] = score_conversations(chunks, tok, convs, layout, max_len=MAX_LEN,
+        groups = ProcessGroups.current()
+        chunks, shape = load_reward_model(ckpt, cfg.model, layout, groups)
+        out[name] = score_conversations(chunks, tok, convs, layout, groups, max_len=MAX_LEN,
                                         micro_batch=16)
         if name == "PP2":
             export_reward_model(chunks, shape, layout, hf_out, tok.pad_id,
-                                eos_token_id=tok.eos_id)
+                                eos_token_id=tok.eos_id, groups=groups)
         ps.destroy_model_parallel()
     return out
 

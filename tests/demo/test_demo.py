@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.distributed
+
 
 def test_demo_reduced(tmp_path: Path) -> None:
     out = tmp_path / "demo"

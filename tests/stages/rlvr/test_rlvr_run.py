@@ -2,13 +2,13 @@
 
 Two launches (start-up dominates on 2 cores):
 
-- 1 rank: (a) learning (tests/trainer/rlvr_harness.py): a tiny Llama SFT-ed for 150 steps on
+- 1 rank: (a) learning (tests/stages/rlvr/rlvr_harness.py): a tiny Llama SFT-ed for 150 steps on
   single-digit additions answered in two styles, only one of which the gsm8k verifier accepts;
   GRPO and PPO (10 rollout batches each) must raise the verified fraction of their rollouts and
   the greedy eval accuracy (``tulu3.eval`` of the SFT checkpoint before, the loop's eval after),
   and write the rlvr_reward / rlvr_kl plots. (b) the reference runs for the layout parity: GRPO
   and PPO from that SFT checkpoint, two rollout batches each, on the ``coin`` verifier
-  (tests/trainer/rlvr_verifiers.py), whose data has a prompt that hangs its verifier, one that
+  (tests/stages/rlvr/rlvr_verifiers.py), whose data has a prompt that hangs its verifier, one that
   raises and one that kills the worker process: training goes on, each scores 0 and is counted.
 - 4 ranks: the same parity runs at TP2xPP2 (GRPO) and TP2xDP2 with the distributed optimizer
   (PPO), the SFT checkpoint resharded at load: every logged loss and rollout metric equals the
@@ -25,6 +25,8 @@ import pytest
 from rlvr_harness import common, learn, make_data, run_rlvr, sft_checkpoint
 
 from tulu3.testing import run_distributed_test
+
+pytestmark = pytest.mark.distributed
 
 PARITY = {
     "grpo": ["rlvr.algo=grpo", "rlvr.samples_per_prompt=4", "rlvr.ppo_epochs=2",
@@ -59,7 +61,7 @@ def parity_overrides(data: dict, root: Path, name: str, algo: str, *extra: str) 
     return common(data, root / name, f"data.train={data['coin']}", "data.eval=null",
                   f"model.load={sft_checkpoint(root / 'learn')}", "train.global_batch=4",
                   "train.micro_batch=1", "train.max_steps=2", "rlvr.max_new_tokens=20",
-                  "rlvr.verifier_timeout_s=0.2", "optim.lr=1e-3", "optim.eps=1e-2", *PARITY[algo],
+                  "rlvr.verifier_timeout_s=1.0", "optim.lr=1e-3", "optim.eps=1e-2", *PARITY[algo],
                   *extra)
 
 

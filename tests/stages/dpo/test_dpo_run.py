@@ -29,6 +29,8 @@ from tulu3.config import load_config
 from tulu3.metrics import read_metrics
 from tulu3.testing import run_distributed_test
 
+pytestmark = pytest.mark.distributed
+
 TOL = 1e-5
 STEP_CONFIGS = [("dpo_norm", True), ("wpo", True), ("ipo", False), ("simpo", False)]
 """(dpo.loss, model.fused_logprobs) run at each layout."""
@@ -56,7 +58,7 @@ def step_layout(world: int, overrides: list[str], loss: str, fused: bool) -> dic
 
     from tulu3.data.packing import collate_dpo
     from tulu3.stages.dpo import reference
-    from tulu3.stages.dpo.stage import DPOStage, ReferenceStage
+    from tulu3.stages.dpo.stage import DPOStage, ReferenceLogps
 
     # optim.eps 1e-6: a DPO gradient is a difference of chosen and rejected terms, so some
     # entries are ~4e-9 and carry fp32 noise of ~5e-10 (1e-7 of the largest entry); Adam's
@@ -68,7 +70,7 @@ def step_layout(world: int, overrides: list[str], loss: str, fused: bool) -> dic
     mine = _pairs()[setup.dp_rank::setup.dp]
     micro = [collate_dpo(mine[i:i + 2], 64, pack=i % 4 == 0) for i in range(0, len(mine), 2)]
     if stage.needs_reference:
-        values = reference.reference_pass(setup.ddp, micro, ReferenceStage(setup.shard, fused),
+        values = reference.reference_pass(setup.ddp, micro, ReferenceLogps(setup.shard, fused),
                                           setup.layout)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             micro = [reference.attach(b, lambda ids: torch.tensor([values[i] for i in ids]))

@@ -8,8 +8,8 @@ import pytest
 
 from tulu3.config import ParallelConfig, load_config
 from tulu3.model.presets import PRESETS, flops_per_token, param_count
-from tulu3.parallel.layout import make_layout
-from tulu3.planner import UNEVEN_KEYS, Layout, PlanError, Problem, peak_memory, plan
+from tulu3.parallel.layout import ParallelLayout, make_layout
+from tulu3.planner import UNEVEN_KEYS, PlanError, Problem, peak_memory, plan
 from tulu3.planner.cli import main
 from tulu3.planner.hardware import GIB
 from tulu3.planner.memory import ActivationTerms, layer_activation_bytes, rank_params
@@ -24,6 +24,14 @@ from tulu3.planner.search import evaluate, search
 from tulu3.planner.timing import step_time
 
 L8B, L70B, L405B = "llama3.1-8b", "llama3.1-70b", "llama3.1-405b"
+
+
+def layout_of(tp: int, pp: int, vpp: int, cp: int, dp: int, sequence_parallel: bool = False,
+              distributed_optimizer: bool = False, uneven: bool = False) -> ParallelLayout:
+    """The ParallelLayout of these sizes on tp x pp x cp x dp GPUs (``uneven``: the embedding
+    and the loss counted in the pipeline split)."""
+    return ParallelLayout(tp * pp * cp * dp, tp, pp, vpp, cp, sequence_parallel,
+                          distributed_optimizer, uneven, uneven)
 
 
 # --- Activation memory: Korthikanti et al. 2022, Table 2 -----------------------------------
@@ -68,9 +76,9 @@ def test_weights_grads_adam_bytes_8b_on_8_gpus():
     """18 bytes a parameter, or 6 + 12 / dp with the distributed optimizer (Megatron docs)."""
     p = 8_030_261_248  # param_count(llama3.1-8b)
     problem = Problem(L8B, "sft", 8, 4096, 128)
-    plain = peak_memory(problem, Layout(1, 1, 1, 1, 8))
+    plain = peak_memory(problem, layout_of(1, 1, 1, 1, 8))
     assert (plain.weights, plain.grads, plain.optimizer) == (2 * p, 4 * p, 12 * p)
-    sharded = peak_memory(problem, Layout(1, 1, 1, 1, 8, distributed_optimizer=True))
+    sharded = peak_memory(problem, layout_of(1, 1, 1, 1, 8, distributed_optimizer=True))
     assert sharded.optimizer == 12 * p / 8
 
 
@@ -79,10 +87,10 @@ def test_rank_params_tp8_and_pipeline_sum():
     872,677,376; embedding and output 129,024 (vocab padded to 128 x 8) x 4096 / 8 each;
     + the final norm (4096)."""
     shape = PRESETS[L8B]
-    assert rank_params(shape, Layout(8, 1, 1, 1, 1), 0) == 872_677_376 + 2 * 66_060_288 + 4096
+    assert rank_params(shape, layout_of(8, 1, 1, 1, 1), 0) == 872_677_376 + 2 * 66_060_288 + 4096
     # At TP1 the pipeline ranks hold the whole model exactly once (128256 needs no padding).
     for pp, vpp in ((4, 1), (2, 4), (8, 2)):
-        layout = Layout(1, pp, vpp, 1, 1)
+        layout = layout_of(1, pp, vpp, 1, 1)
         assert sum(rank_params(shape, layout, r) for r in range(pp)) == param_count(shape)
 
 
@@ -115,7 +123,7 @@ def test_bubble_is_p_minus_1_over_m_v():
     assert bubble_fraction(16, 1, 16) == 15 / 16
     problem = Problem(L70B, "sft", 32, 4096, 8)
     for vpp in (1, 5):
-        t = step_time(problem, Layout(8, 4, vpp, 1, 1, sequence_parallel=True))
+        t = step_time(problem, layout_of(8, 4, vpp, 1, 1, sequence_parallel=True))
         busy = t.compute + t.tp_comm + t.cp_comm  # 8 micro-batches on the slowest rank
         assert t.bubble / busy == pytest.approx(3 / (8 * vpp))
 
@@ -127,7 +135,7 @@ def test_compute_time_by_hand_8b():
     0.75 x 989 TFLOP/s = 4.5476 s; the per-layer sum must equal the presets' formula."""
     shape = PRESETS[L8B]
     assert flops_per_token(shape, 4096) == 51_470_401_536
-    t = step_time(Problem(L8B, "sft", 8, 4096, 128), Layout(1, 1, 1, 1, 8))
+    t = step_time(Problem(L8B, "sft", 8, 4096, 128), layout_of(1, 1, 1, 1, 8))
     assert t.compute == pytest.approx(51_470_401_536 * 65_536 / (0.75 * 989e12), rel=1e-12)
     assert t.compute == pytest.approx(4.547575645518, rel=1e-9)
     assert t.bubble == t.tp_comm == t.pp_comm == 0
@@ -136,13 +144,13 @@ def test_compute_time_by_hand_8b():
 def test_tp_comm_by_hand():
     """TP2 on NVLink: 32 micro-batches x 32 layers x 4 all-reduces x 2 (t-1)/t x message
     (2 bytes x 4096 tokens x 4096) / (450 GB/s x 0.8) = 0.3818 s."""
-    t = step_time(Problem(L8B, "sft", 8, 4096, 128), Layout(2, 1, 1, 1, 4, True, True))
+    t = step_time(Problem(L8B, "sft", 8, 4096, 128), layout_of(2, 1, 1, 1, 4, True, True))
     assert t.tp_comm == pytest.approx(32 * 32 * 4 * 1 * (2 * 4096 * 4096) / 360e9)
 
 
 def test_stage_memory_extras():
     """DPO online keeps a bf16 reference; RLVR a reference, a trained value model, a KV cache."""
-    layout = Layout(8, 1, 1, 1, 1, True)
+    layout = layout_of(8, 1, 1, 1, 1, True)
     cached = peak_memory(Problem(L8B, "dpo", 8, 2048, 128), layout)
     online = peak_memory(Problem(L8B, "dpo", 8, 2048, 128, dpo_reference="online"), layout)
     assert cached.frozen == 0 and online.frozen == cached.weights
@@ -174,11 +182,11 @@ def _rank_of(problem: Problem, tp: int, pp: int, cp: int) -> tuple[int, float]:
 
 @pytest.mark.parametrize("problem, sizes, published", [
     # llama31_405b_finetune_config(peft=None): 128 GPUs, TP8 PP16 SP, seq 2048, GBS 16, mbs 1
-    (Problem(L405B, "sft", 128, 2048, 16), (8, 16, 1), Layout(8, 16, 1, 1, 1, True, True)),
+    (Problem(L405B, "sft", 128, 2048, 16), (8, 16, 1), layout_of(8, 16, 1, 1, 1, True, True)),
     # llama3_70b_finetune_config(peft=None): 32 GPUs, TP8 PP4, packed seq 4096, GBS 8
-    (Problem(L70B, "sft", 32, 4096, 8), (8, 4, 1), Layout(8, 4, 1, 1, 1, True, True)),
+    (Problem(L70B, "sft", 32, 4096, 8), (8, 4, 1), layout_of(8, 4, 1, 1, 1, True, True)),
     # llama31_405b_pretrain_config: TP8 PP8 VPP2 CP4 SP (256 GPUs), seq 8192, GBS 512
-    (Problem(L405B, "sft", 256, 8192, 512), (8, 8, 4), Layout(8, 8, 2, 4, 1, True, True)),
+    (Problem(L405B, "sft", 256, 8192, 512), (8, 8, 4), layout_of(8, 8, 2, 4, 1, True, True)),
 ])
 def test_published_layouts_rank_top(problem, sizes, published):
     rank, ratio = _rank_of(problem, *sizes)
@@ -186,14 +194,15 @@ def test_published_layouts_rank_top(problem, sizes, published):
     assert ratio < 1.2  # and within 20% of the fastest estimate
     # The published layout ran as published (no recompute): it must be estimated to fit the GPU.
     uneven = split_kind(problem.shape.layers, published.pp, published.vpp) == "uneven"
-    layout = Layout(*published.sizes, True, published.dp * published.cp > 1, "none", uneven)
+    layout = layout_of(published.tp, published.pp, published.vpp, published.cp, published.dp,
+                       True, published.dp * published.cp > 1, uneven)
     assert evaluate(problem, layout).memory.total < problem.gpu_spec.hbm_bytes
 
 
 def test_published_h100_405b_benchmark_fits():
     """llama31_405b_pretrain_1024gpu_h100_bf16_config: TP8 PP8 VPP8 CP2 on 1024 H100, GBS 512."""
     problem = Problem(L405B, "sft", 1024, 8192, 512)
-    layout = Layout(8, 8, 8, 2, 8, True, True, "none", uneven=True)
+    layout = layout_of(8, 8, 8, 2, 8, True, True, uneven=True)
     assert evaluate(problem, layout).memory.total < problem.gpu_spec.hbm_bytes
 
 
@@ -238,8 +247,8 @@ def test_cli_text_prints_set_lines(capsys):
                    strict=True)
 def test_uneven_split_overrides_load():
     best = plan(Problem(L405B, "sft", 128, 2048, 16), top=1)[0]
-    assert all(f"{key}=true" in best.layout.overrides(1) for key in UNEVEN_KEYS)
-    cfg = load_config(None, [" ".join(best.layout.overrides(1)), f"model.preset={L405B}",
+    assert all(f"{key}=true" in best.overrides(1) for key in UNEVEN_KEYS)
+    cfg = load_config(None, [" ".join(best.overrides(1)), f"model.preset={L405B}",
                              "train.global_batch=16"])
     make_layout(cfg, 128)
 

@@ -109,3 +109,49 @@ def test_ipo_worked_example() -> None:
     out = L.ipo_loss(t(-10, -9, -5), t(-12, -12, -5), t(-11, -11, -5), t(-11, -11, -5), beta=0.5)
     torch.testing.assert_close(out.losses, t(1.0, 4.0, 1.0))
     torch.testing.assert_close(out.chosen_rewards, t(0.5, 1.0, 0.0))
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(L.LOSSES))
+def test_every_registered_loss_has_a_worked_example(name: str) -> None:
+    """A new loss is one function, one registry entry and one hand-worked test here."""
+    assert callable(globals().get(f"test_{name}_worked_example")), \
+        f"dpo.loss={name} has no test_{name}_worked_example in {__name__}"
+
+
+def test_registry_dispatches_to_each_function() -> None:
+    """Each entry calls its function with the pair inputs and settings it names (the numbers of
+    the worked examples above), and its flags say what the stage must provide."""
+    inputs = L.PairInputs(t(-6), t(-12), t(3), t(4), t(-9), t(-12), t(0.25))
+    settings = L.LossSettings(beta=1.0, gamma_beta_ratio=0.5, label_smoothing=0.0)
+    want = {
+        "dpo": L.dpo_loss(t(-6), t(-12), t(-9), t(-12), 1.0),
+        "dpo_norm": L.dpo_norm_loss(t(-6), t(-12), t(-9), t(-12), t(3), t(4), 1.0),
+        "simpo": L.simpo_loss(t(-6), t(-12), t(3), t(4), 1.0, 0.5),
+        "wpo": L.wpo_loss(t(-6), t(-12), t(-9), t(-12), t(0.25), 1.0),
+        "ipo": L.ipo_loss(t(-6), t(-12), t(-9), t(-12), 1.0),
+    }
+    for name, expected in want.items():
+        got = L.get_loss(name).compute(inputs, settings)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b)
+    flags = {name: (s.needs_reference, s.length_normalized, s.weighted, s.label_smoothing)
+             for name, s in L.LOSSES.items()}
+    assert flags["dpo"] == (True, False, False, True)
+    assert flags["dpo_norm"] == (True, True, False, True)
+    assert flags["simpo"] == (False, True, False, True)
+    assert flags["wpo"] == (True, False, True, True)
+    assert flags["ipo"] == (True, False, False, False)
+
+
+def test_unknown_loss_is_refused_with_the_valid_names() -> None:
+    from tulu3.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match=r"'kto' is not one of \('dpo', 'dpo_norm'"):
+        L.get_loss("kto")
+    with pytest.raises(ConfigError, match=r"dpo.loss: 'kto' is not one of \('dpo', 'dpo_norm'"):
+        load_config(None, ["dpo.loss=kto"])
+    for name in L.loss_names():  # every registered name passes config validation
+        assert load_config(None, [f"dpo.loss={name}"]).dpo.loss == name

@@ -165,12 +165,14 @@ def test_value_stage() -> None:
 
 
 def test_capture_at_the_sampling_temperature() -> None:
-    from tulu3.stages.rlvr.stage import CaptureStage
+    from tulu3.stages.forward import CollectStage
+    from tulu3.stages.rlvr.stage import TokenLogprobs
 
     logits = torch.tensor([[[0.0, 2.0, 4.0]]])  # one position, vocab 3
     batch = {"labels": torch.tensor([[2]]), "example_ids": torch.tensor([7])}
-    stage = CaptureStage("logprobs", VocabShard(None, 0, 3), fused=False, temperature=2.0)
-    stage.loss(batch, logits, torch.nn.Identity())
+    stage = CollectStage(TokenLogprobs(VocabShard(None, 0, 3), fused=False, temperature=2.0))
+    loss, count, _ = stage.loss(batch, logits, torch.nn.Identity())
     # softmax([0, 1, 2]) at the label: e^2 / (1 + e + e^2)
     want = 2.0 - math.log(1.0 + math.e + math.e ** 2)
-    assert float(stage.store["logprobs"][7][0]) == pytest.approx(want, abs=1e-6)
+    assert float(stage.outputs["logprobs"][7][0]) == pytest.approx(want, abs=1e-6)
+    assert float(loss) == 0.0 and int(count) == 1 and "entropy" not in stage.outputs

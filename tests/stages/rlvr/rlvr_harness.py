@@ -20,7 +20,7 @@ from tulu3.metrics import read_metrics
 
 RECIPE = "launch/recipes/tiny-rlvr.yaml"
 TRUTHS = ["x", "hang", "x", "raise", "x", "crash", "x", "x"]
-"""Ground truths of the coin prompts (tests/trainer/rlvr_verifiers.py): three misbehave."""
+"""Ground truths of the coin prompts (tests/stages/rlvr/rlvr_verifiers.py): three misbehave."""
 SFT_STEPS = 150
 ALGOS = {"grpo": ["rlvr.algo=grpo", "rlvr.kl_beta=0.01"],
          "ppo": ["rlvr.algo=ppo", "rlvr.kl_beta=0.05", "rlvr.ppo_epochs=2"]}

@@ -24,11 +24,12 @@ same weights, same batch.
 On one H200 (defaults = 8 layers of Llama 3.1 8B, vocab 128256, seq 4096, micro-batch 2, bf16;
 megatron-core installed, e.g. from a cp312 wheel into /tmp/site):
 
-    PYTHONPATH=/tmp/site:. python launch/bench_step.py --out runs/bench_step/h200.json
+    PYTHONPATH=/tmp/site:. python tests/benchmarks/bench_step.py --out runs/bench_step/h200.json
 
 CPU check (tiny shapes, fp32, not a performance figure):
 
-    python launch/bench_step.py --tiny --steps 2 --warmup 1 --out runs/bench_step/tiny.json
+    python tests/benchmarks/bench_step.py --tiny --steps 2 --warmup 1 \\
+        --out runs/bench_step/tiny.json
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def build_tulu3(cfg: Any, shape: Any, state: dict) -> tuple[Any, list]:
     from tulu3.trainer import Trainer
 
     trainer = Trainer(cfg, "sft")
-    chunks = build_model_chunks(cfg.model, trainer.layout)
+    chunks = build_model_chunks(cfg.model, trainer.layout, trainer.groups)
     for chunk in chunks:
         hf_mapping.load_hf_into_chunk(chunk, state.__getitem__, shape, 0, 1)
     chunks = wrap_ddp(chunks, trainer.layout)
