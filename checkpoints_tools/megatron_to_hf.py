@@ -14,6 +14,7 @@ import sys
 from tulu3.checkpoint.errors import run_cli
 from tulu3.checkpoint.format import DTYPE_NAMES
 from tulu3.checkpoint.to_hf import export, parse_size
+from tulu3.config import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "checkpoints_tools.megatron_to_hf"))

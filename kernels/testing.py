@@ -91,3 +91,17 @@ def shard_bounds(v: int, rank: int, world: int) -> tuple[int, int]:
     """[start, end) of rank's vocabulary shard; the last shard is smaller when v % world != 0."""
     size = -(-v // world)
     return min(rank * size, v), min((rank + 1) * size, v)
+
+
+def triton_device() -> str:
+    """"cuda" where compiled Triton kernels run, else "cpu" with TRITON_INTERPRET=1 set.
+
+    Call before the first ``kernels.*_triton`` import: ``@triton.jit`` reads the variable when a
+    kernel is defined.
+    """
+    import os
+
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "cuda"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return "cpu"

@@ -3,7 +3,8 @@
 
 import sys
 
+from tulu3.config import run_command
 from tulu3.data.curate import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(main, "tulu3.curate"))

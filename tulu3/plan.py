@@ -3,7 +3,8 @@
 
 import sys
 
+from tulu3.config import run_command
 from tulu3.planner.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "tulu3.plan"))

@@ -91,8 +91,43 @@ def test_reshard_repads_vocab_and_keeps_weights(tmp_path):
         assert not pad.any(), name  # padding rows are zeros
         megatron_to_hf.export(tmp_path / name, tmp_path / f"hf_{name}", quiet=True)
         assert_bit_exact(hf_tensors(tmp_path / f"hf_{name}"), hf_tensors(hf))
-    with pytest.raises(ConversionError, match="does not divide the 2 kv heads"):
+    with pytest.raises(ConversionError, match="--tp=4 does not divide model.kv_heads=2"):
         reshard.reshard(tmp_path / "tp1", tmp_path / "tp4", 4, 1, quiet=True)
+
+
+UNEVEN = {"account_for_embedding_in_pipeline_split": True,
+          "account_for_loss_in_pipeline_split": True}
+
+
+def test_uneven_pipeline_split_converts_reshards_and_records(tmp_path, hf_bf16):
+    """4 layers + embedding + loss = 6 units over PP3 (the trainer's check); recorded in
+    tulu3.json; a file without the fields (older checkpoints) reads as an even split."""
+    with pytest.raises(ConversionError, match=r"--pp x --vpp = 3 x 1 does not divide "
+                       r"model.layers=4$"):
+        hf_to_megatron.convert(hf_bf16, tmp_path / "even", 1, 3, quiet=True)
+    hf_to_megatron.convert(hf_bf16, tmp_path / "ckpt", 2, 3, quiet=True, **UNEVEN)
+    meta = read_meta(tmp_path / "ckpt")
+    assert (meta.tp, meta.pp, meta.account_for_embedding_in_pipeline_split,
+            meta.account_for_loss_in_pipeline_split) == (2, 3, True, True)
+    assert [list(r) for p in range(3) for r in meta.layout().chunk_layer_ranges(4, p)] == \
+        [[0], [1, 2], [3]]
+    with pytest.raises(ConversionError, match=r"does not divide model.layers=4 \+ 1"):
+        reshard.reshard(tmp_path / "ckpt", tmp_path / "bad", 1, 3, quiet=True,
+                        account_for_loss_in_pipeline_split=True)
+    reshard.reshard(tmp_path / "ckpt", tmp_path / "even", 1, 2, quiet=True)
+    assert not read_meta(tmp_path / "even").account_for_loss_in_pipeline_split
+    assert reshard.main(["--ckpt", str(tmp_path / "even"), "--out", str(tmp_path / "pp6"),
+                         "--pp", "3", "--vpp", "2", "--account-for-embedding-in-pipeline-split",
+                         "--account-for-loss-in-pipeline-split", "--quiet"]) == 0
+    assert read_meta(tmp_path / "pp6").account_for_embedding_in_pipeline_split
+    for name in ("ckpt", "even", "pp6"):
+        megatron_to_hf.export(tmp_path / name, tmp_path / f"hf_{name}", quiet=True)
+        assert_bit_exact(hf_tensors(tmp_path / f"hf_{name}"), hf_tensors(hf_bf16))
+    old = json.loads((tmp_path / "ckpt" / "tulu3.json").read_text())
+    for key in UNEVEN:
+        del old[key]
+    (tmp_path / "ckpt" / "tulu3.json").write_text(json.dumps(old))
+    assert read_meta(tmp_path / "ckpt").layout().split_extra == 0
 
 
 # --- bad input: each error names the problem, and nothing is written -----------------------
@@ -105,15 +140,19 @@ def _tamper_config(hf, **changes):
 
 
 @pytest.mark.parametrize("layout,message", [
-    ((3, 1, 1), "--tp=3 does not divide the 4 attention heads"),
-    ((4, 1, 1), "--tp=4 does not divide the 2 kv heads"),
-    ((1, 3, 1), r"--pp x --vpp = 3 x 1 does not divide the 4 layers"),
-    ((1, 2, 4), r"--pp x --vpp = 2 x 4 does not divide the 4 layers"),
+    ((3, 1, 1), "--tp=3 does not divide model.heads=4"),
+    ((4, 1, 1), "--tp=4 does not divide model.kv_heads=2"),
+    ((1, 3, 1), r"--pp x --vpp = 3 x 1 does not divide model.layers=4"),
+    ((1, 2, 4), r"--pp x --vpp = 2 x 4 does not divide model.layers=4"),
     ((1, 1, 2), "--vpp=2 needs --pp > 1"),
+    ((0, 1, 1), "--tp=0 must be >= 1"),
+    ((1, 1, 1, True), r"--account-for-\*-in-pipeline-split needs --pp > 1"),
 ])
 def test_bad_layout(tmp_path, hf_bf16, layout, message):
+    tp, pp, vpp, *uneven = layout
     with pytest.raises(ConversionError, match=message):
-        hf_to_megatron.convert(hf_bf16, tmp_path / "out", *layout, quiet=True)
+        hf_to_megatron.convert(hf_bf16, tmp_path / "out", tp, pp, vpp, quiet=True,
+                               account_for_loss_in_pipeline_split=bool(uneven))
     assert not (tmp_path / "out").exists()
 
 

@@ -66,7 +66,8 @@ def test_bad_recipe_names_the_file(tmp_path: Path) -> None:
     (["parallel.tp=1", "parallel.pp=1", "parallel.vpp=2"], 1, "parallel.vpp=2 needs parallel.pp"),
     (["parallel.tp=1", "parallel.pp=1", "train.global_batch=6", "train.micro_batch=4"], 1,
      "train.global_batch=6 is not divisible by train.micro_batch x dp = 4 x 1"),
-    (["parallel.tp=1", "parallel.pp=1", "parallel.cp=2"], 2, "parallel.cp=2 needs model.spec=te"),
+    (["parallel.tp=1", "parallel.pp=1", "parallel.cp=2", "model.spec=local"], 2,
+     "parallel.cp=2 needs model.spec=torch or te"),
 ])
 def test_bad_layouts_name_the_value(overrides: list[str], world: int, message: str) -> None:
     cfg = load_config("launch/recipes/tiny-sft.yaml", overrides)
@@ -76,11 +77,15 @@ def test_bad_layouts_name_the_value(overrides: list[str], world: int, message: s
 
 
 @pytest.mark.distributed
-def test_dry_run_through_torchrun_prints_config_and_layout() -> None:
+def test_dry_run_through_torchrun_prints_config_and_layout(tiny_data: dict,
+                                                           tmp_path: Path) -> None:
+    sets = (f"data.tokenizer={tiny_data['tokenizer']} data.train={tiny_data['sft']} "
+            f"data.eval={tiny_data['sft_eval']} train.run_dir={tmp_path / 'run'}")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                "-m", "tulu3.train", "--stage", "sft", "--config",
-               "launch/recipes/tiny-sft.yaml", "--dry-run", "--set", "data.tokenizer=null"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=120,
+               "launch/recipes/tiny-sft.yaml", "--dry-run", "--set", sets]
+    # 4 processes importing torch + megatron: ~35 s of CPU, minutes on a loaded 2-core machine
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("# layout: TP2xPP2xDP1 on 4 ranks") == 1  # rank 0 only
@@ -94,4 +99,5 @@ def test_bad_override_exits_with_one_line() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last == "tulu3.train: parallel.vpp=2 needs parallel.pp > 1", last
+    assert last == "tulu3.train: error: parallel.vpp=2 needs parallel.pp > 1", last
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

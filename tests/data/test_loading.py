@@ -148,3 +148,46 @@ def test_concurrent_builders_tokenize_once(tiktoken_path, tmp_path):
         hits = pool.map(_build_in_child, [(path, tiktoken_path, str(tmp_path / "c"))] * 3)
     assert sorted(hits) == [False, True, True]
     assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 1
+
+
+def _hub_cache(tmp_path, monkeypatch, repo: str, splits: dict[str, list]) -> None:
+    """A ``datasets`` cache holding ``repo`` as a hub download leaves it
+    (CACHE/OWNER___NAME/default/0.0.0/HASH/{dataset_info.json, *.arrow}), built offline."""
+    datasets = pytest.importorskip("datasets")
+    from datasets.packaged_modules.json.json import Json
+
+    cache = tmp_path / "hf-cache"
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(write_jsonl(rows, tmp_path / f"{split}.jsonl"))
+    name = repo.replace("/", "___")
+    Json(cache_dir=str(cache), dataset_name=name, config_name="default", hash="0123abcd",
+         data_files=files).download_and_prepare()
+    (built,) = (cache / name).iterdir()  # default-<hash of the local files>
+    built.rename(cache / name / "default")
+    for arrow in (cache / name).rglob("*.arrow"):  # a hub download's names: NAME-SPLIT.arrow
+        arrow.rename(arrow.with_name(arrow.name.replace(f"{name}-", f"{repo.split('/')[1]}-")))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+
+
+def test_hub_dataset_from_the_local_cache(tmp_path, monkeypatch):
+    from tulu3.data.loading import HubId, data_files
+
+    _hub_cache(tmp_path, monkeypatch, "someone/tiny-sft", {"train": ROWS[:7], "test": ROWS[7:]})
+    assert _contents(read_rows("hf:someone/tiny-sft")) == ROWS[:7]
+    assert _contents(read_rows("hf:someone/tiny-sft:test")) == ROWS[7:]
+    wheres = [w for _, w in read_rows("hf:someone/tiny-sft:test")]
+    assert wheres[1] == "hf:someone/tiny-sft:test:row 2"
+    mixture = [{"path": "hf:someone/tiny-sft", "count": 3}, {"path": "hf:someone/tiny-sft:test"}]
+    assert len(load_mixture(mixture)) == 3 + len(ROWS) - 7
+    assert all(f.suffix == ".arrow" for f in data_files("hf:someone/tiny-sft"))
+    assert HubId.parse("hf:openai/gsm8k@main:test") == HubId("openai/gsm8k", "main", "test")
+    for bad in ("hf:", "hf:a/b/c", "hf:a/b@:x", "hf:a/b:x:y"):
+        with pytest.raises(ValueError, match="not a hub dataset id"):
+            HubId.parse(bad)
+    # Not cached (and no network): one line naming the id, the cache and how to fetch it.
+    with pytest.raises(FileNotFoundError) as err:
+        list(read_rows("hf:allenai/not-downloaded:train"))
+    message = str(err.value)
+    assert "\n" not in message and "hf:allenai/not-downloaded:train" in message, message
+    assert "load_dataset('allenai/not-downloaded'" in message, message

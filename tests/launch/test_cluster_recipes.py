@@ -73,7 +73,7 @@ def _problem(cfg, size: str, stage: str) -> Problem:
     extra = {"response_len": cfg.rlvr.max_new_tokens,
              "value_model": "llama3.1-8b"} if stage == "rlvr" else {}
     return Problem(cfg.model.preset, stage, GPUS[size], seq, cfg.train.global_batch,
-                   micro_batch=cfg.train.micro_batch, spec="torch", **extra)
+                   micro_batch=cfg.train.micro_batch, spec=cfg.model.spec, **extra)
 
 
 @pytest.mark.parametrize("size, stage", CLUSTER)

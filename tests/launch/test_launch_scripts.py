@@ -151,7 +151,12 @@ def test_torchrun_starts_four_cpu_ranks(sandbox):
     recipe = REPO / "launch/recipes/tiny-sft.yaml"
     if not recipe.exists():
         pytest.skip("launch/recipes/tiny-sft.yaml is not there yet")
-    out = _run("launch/sft.sh", [str(recipe), "--dry-run", "--set", "train.micro_batch=4"],
+    from tulu3.demo.data import make_tiny_data  # --dry-run checks that the data is there
+
+    data = make_tiny_data(sandbox["tmp"] / "data", n_sft=16, n_dpo=8, n_rlvr=8, n_eval=8, n_rm=8)
+    sets = (f"train.micro_batch=4 data.tokenizer={data['tokenizer']} data.train={data['sft']} "
+            f"data.eval={data['sft_eval']} train.run_dir={sandbox['tmp'] / 'run'}")
+    out = _run("launch/sft.sh", [str(recipe), "--dry-run", "--set", sets],
                sandbox["env"], GPUS_PER_NODE="4", MASTER_PORT=str(_free_port()))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "layout: TP2xPP2xDP1 on 4 ranks" in out.stdout

@@ -14,6 +14,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from tulu3.config import Config, load_config
+from tulu3.data.packing import has_packed_rows
 from tulu3.model import hf_mapping
 from tulu3.model.build import build_model_chunks
 from tulu3.model.presets import resolve_shape
@@ -25,7 +26,7 @@ from tulu3.parallel.layout import ParallelLayout, make_layout
 from tulu3.stages.base import Stage
 from tulu3.stages.logprobs import VocabShard
 from tulu3.stages.sft import SFTStage
-from tulu3.step import train_step
+from tulu3.step import run_schedule, train_step
 from tulu3.testing import tiny_hf_llama
 
 VOCAB = 500  # not a multiple of 128 x TP: vocabulary padding is exercised
@@ -61,6 +62,34 @@ def collate(items: list[dict]) -> dict:
             "example_ids": torch.tensor([i["index"] for i in items])}
 
 
+def collate_packed(items: list[dict], max_len: int = 40) -> dict:
+    """The same sequences packed first-fit into rows of ``max_len`` (positions restart at every
+    document, ``seq_ids`` tell documents apart): what tulu3.data.packing lays out."""
+    rows: list[list[int]] = []
+    for index, item in enumerate(items):
+        fits = [r for r in rows if sum(len(items[i]["tokens"]) for i in r)
+                + len(item["tokens"]) <= max_len]
+        if not fits:
+            rows.append([])
+            fits = [rows[-1]]
+        fits[0].append(index)
+    seq = max(sum(len(items[i]["tokens"]) for i in row) for row in rows)
+    batch = {"tokens": torch.zeros(len(rows), seq, dtype=torch.long),
+             "labels": torch.full((len(rows), seq), -100, dtype=torch.long),
+             "position_ids": torch.zeros(len(rows), seq, dtype=torch.long),
+             "seq_ids": torch.full((len(rows), seq), -1, dtype=torch.long)}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(items[i]["tokens"])
+            for key, value in (("tokens", items[i]["tokens"]), ("labels", items[i]["labels"]),
+                               ("position_ids", torch.arange(n)), ("seq_ids", i)):
+                batch[key][r, start:start + n] = value
+            start += n
+    batch["example_ids"] = torch.tensor([item["index"] for item in items])
+    return batch
+
+
 @dataclass
 class Setup:
     """This rank's model, optimizer and vocabulary shard at one layout, ready to train."""
@@ -94,7 +123,7 @@ def setup_layout(world: int, overrides: list[str], micro_batch: int = 1,
     ddp = wrap_ddp(chunks, layout)
     optimizer, scheduler = build_optimizer(cfg, ddp, total_steps=10)
     ddp[0].config.grad_scale_func = optimizer.scale_loss
-    shard = VocabShard(ps.get_tensor_model_parallel_group(), tp_rank, VOCAB)
+    shard = ProcessGroups.current().vocab_shard(VOCAB)
     return Setup(cfg, layout, ddp, optimizer, scheduler, shard, tp_rank,
                  ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
 
@@ -122,12 +151,28 @@ def train_steps(setup: Setup, stage: Stage, micro: list[dict], steps: int) -> di
 
 def run_layout(world: int, overrides: list[str], steps: int = 2, micro_batch: int = 1,
                global_batch: int = 8) -> dict:
-    """Train ``steps`` SFT steps at the layout in ``overrides``; :func:`train_steps`' results."""
+    """Train ``steps`` SFT steps at the layout in ``overrides``; :func:`train_steps`' results.
+    With ``data.pack=true`` in ``overrides`` the same sequences arrive packed
+    (:func:`collate_packed`, four to a micro-batch)."""
     setup = setup_layout(world, overrides, micro_batch, global_batch)
     stage = SFTStage(setup.shard, setup.cfg.sft.loss_reduction, setup.cfg.model.fused_logprobs)
     mine = examples(global_batch)[setup.dp_rank::setup.dp]
-    micro = [collate(mine[i:i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+    if setup.cfg.data.pack:  # four sequences per micro-batch, several to a row
+        micro = [collate_packed(mine[i:i + 4]) for i in range(0, len(mine), 4)]
+        assert any(has_packed_rows(mb["seq_ids"]) for mb in micro)
+    else:
+        micro = [collate(mine[i:i + micro_batch]) for i in range(0, len(mine), micro_batch)]
     return train_steps(setup, stage, micro, steps)
+
+
+def gradients(setup: Setup, stage: Stage, micro: list[dict]) -> dict:
+    """One forward + backward of ``micro`` (no optimizer step: the weights stay), as
+    :func:`train_steps` returns it: {"loss": [loss], "grads": ..., "tp_rank": ...}."""
+    for chunk in setup.ddp:
+        chunk.zero_grad_buffer()
+    metrics = run_schedule(setup.ddp, micro, stage, setup.layout)
+    grads = _collect(setup.ddp, lambda p: p.main_grad) if setup.dp_rank == 0 else {}
+    return {"loss": [metrics["loss"]], "grads": grads, "tp_rank": setup.tp_rank}
 
 
 def _collect(ddp: list, get) -> dict[str, torch.Tensor]:

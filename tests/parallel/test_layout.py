@@ -35,3 +35,26 @@ def test_value_model_of_another_depth_gets_its_own_split() -> None:
     assert policy.for_layers(126) is policy  # the policy's own depth keeps the uneven split
     even = ParallelLayout(world_size=16, tp=2, pp=2)
     assert even.for_layers(32) is even
+
+
+def test_context_parallel_specs_packing_and_padding() -> None:
+    """CP runs with the torch and te specs (not local); rows pad to 2 x cp (x tp under SP);
+    TE takes packed rows as THD, one row per micro-batch, and not under CP; RLVR refuses CP."""
+    from tulu3.config import ConfigError, load_config
+    from tulu3.stages.preflight import preflight
+
+    layout = ParallelLayout(world_size=8, tp=2, cp=2, sequence_parallel=True)
+    assert (layout.dp, layout.pad_multiple, layout.metric_copies) == (2, 8, 4)
+    for spec in ("torch", "te"):
+        layout.check_spec(spec)
+    with pytest.raises(LayoutError, match="parallel.cp=2 needs model.spec=torch or te"):
+        layout.check_spec("local")
+    layout.check_packing("te", pack=False, micro_batch=4)
+    layout.check_packing("torch", pack=True, micro_batch=4)
+    with pytest.raises(LayoutError, match="not supported"):
+        layout.check_packing("te", pack=True, micro_batch=1)
+    with pytest.raises(LayoutError, match="train.micro_batch=1"):
+        ParallelLayout(world_size=2).check_packing("te", pack=True, micro_batch=2)
+    cfg = load_config(None, ["parallel.cp=2"])
+    with pytest.raises(ConfigError, match="RLVR generation does not support context"):
+        preflight(cfg, "rlvr", world_size=2)

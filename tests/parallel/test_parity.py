@@ -4,6 +4,9 @@ Compared at 1e-5: the loss of each step, every gradient after the first step (in
 global layout, TP shards merged), and every weight after the second step. With the distributed
 optimizer the gradient buffers hold only reduce-scattered shards, so loss and weights are
 compared. Several layouts share one multi-process launch (start-up dominates on 2 cores).
+Context parallel (CP) layouts and packed rows (several documents to a row, FlexAttention's
+document mask) are compared with the same single unpacked process; row lengths are not
+multiples of 2 x CP (the step pads them).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from tulu3.testing import run_distributed_test
 pytestmark = pytest.mark.distributed
 
 TOL = 1e-5
+PACK = "data.pack=true"  # the same sequences packed several to a row (parity_harness)
 TWO_RANKS = {
     "TP2": ["parallel.tp=2"],
     "PP2 (1F1B)": ["parallel.pp=2"],
@@ -28,12 +32,26 @@ TWO_RANKS = {
     "TP2 fused log-probs": ["parallel.tp=2", "model.fused_logprobs=true"],
     "TP2 SP fused log-probs": ["parallel.tp=2", "parallel.sequence_parallel=true",
                                "model.fused_logprobs=true"],
+    "CP2": ["parallel.cp=2"],
+    "CP2 packed": ["parallel.cp=2", PACK],
+    "CP2 fused log-probs": ["parallel.cp=2", "model.fused_logprobs=true"],
+    "TP2 packed": ["parallel.tp=2", PACK],
+    "PP2 packed": ["parallel.pp=2", PACK],
 }
 FOUR_RANKS = {
     "TP2xPP2": ["parallel.tp=2", "parallel.pp=2"],
     "TP2xDP2 distributed optimizer": ["parallel.tp=2", "parallel.distributed_optimizer=true"],
     "PP2xDP2 interleaved": ["parallel.pp=2", "parallel.vpp=2"],
     "TP2xPP2 fused log-probs": ["parallel.tp=2", "parallel.pp=2", "model.fused_logprobs=true"],
+    "TP2xCP2 packed": ["parallel.tp=2", "parallel.cp=2", PACK],
+    "TP2xCP2 sequence parallel": ["parallel.tp=2", "parallel.cp=2",
+                                  "parallel.sequence_parallel=true"],
+    "CP2xPP2": ["parallel.cp=2", "parallel.pp=2"],
+    "CP2xPP2 packed": ["parallel.cp=2", "parallel.pp=2", PACK],
+    "CP2xPP2xVPP2 (interleaved)": ["parallel.cp=2", "parallel.pp=2", "parallel.vpp=2"],
+    "CP2xDP2": ["parallel.cp=2"],
+    "CP2xDP2 packed distributed optimizer": ["parallel.cp=2", PACK,
+                                             "parallel.distributed_optimizer=true"],
 }
 COMMON = ["model.fused_logprobs=false"]
 
@@ -43,8 +61,18 @@ def _run_all(world: int, layouts: list[list[str]]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def single() -> dict:
-    return run_distributed_test(_run_all, 1, 1, [[]])[0][0]
+def single_runs() -> list[dict]:
+    """One process: unpacked (the reference of every test here), then packed."""
+    return run_distributed_test(_run_all, 1, 1, [[], [PACK]])[0]
+
+
+@pytest.fixture(scope="module")
+def single(single_runs: list[dict]) -> dict:
+    return single_runs[0]
+
+
+def test_packed_rows_equal_unpacked_on_one_process(single_runs: list[dict]) -> None:
+    _check("TP1 packed", [single_runs[1]], single_runs[0])
 
 
 def _check(name: str, per_rank: list[dict], single: dict) -> None:
@@ -80,6 +108,6 @@ def test_four_rank_layouts_equal_single_process(single: dict) -> None:
         _check(name, [rank[index] for rank in results], single)
 
 
-def test_context_parallel_without_te_is_refused() -> None:
+def test_context_parallel_with_the_local_spec_is_refused() -> None:
     with pytest.raises(LayoutError, match="parallel.cp"):
-        run_layout(2, COMMON + ["parallel.cp=2"])
+        run_layout(2, COMMON + ["parallel.cp=2", "model.spec=local"])

@@ -91,7 +91,7 @@ def test_a_raising_step_closes_the_loop_and_restores_handlers(trainer: Trainer) 
 def test_a_stop_signal_saves_stops_and_restores(trainer: Trainer,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     saved = []
-    monkeypatch.setattr(trainer, "_save", lambda step, *args: saved.append(step))
+    monkeypatch.setattr(trainer, "_save", lambda step, *args, **kwargs: saved.append(step))
 
     def step(n: int) -> dict:
         if n == 1:
@@ -107,7 +107,7 @@ def test_a_stop_signal_saves_stops_and_restores(trainer: Trainer,
 
 def test_a_full_run_closes_the_loop_and_restores_handlers(trainer: Trainer,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer, "_save", lambda *args: None)
+    monkeypatch.setattr(trainer, "_save", lambda *args, **kwargs: None)
     loop = FakeLoop(lambda n: {"loss": 1.0, "tokens": 8})
     record = _fit(trainer, loop)
     assert record["step"] == 4 and loop.closed == 1

@@ -60,10 +60,13 @@ def test_sigterm_then_resume_matches_uninterrupted(setup: tuple) -> None:
     assert resumed == full, (resumed, full)
 
 
-def test_kill_9_during_save_keeps_previous_checkpoint(setup: tuple) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_9_during_save_keeps_previous_checkpoint(setup: tuple, mode: str) -> None:
+    """kill -9 once the policy's weights of step 4 are written (async: by the writer thread,
+    while training goes on): ``latest`` still names step 2, and the resume is exact."""
     root, data, full = setup
-    run_dir = root / "killed"
-    overrides = sft_overrides(data, run_dir, *LAYOUT)
+    run_dir = root / f"killed_{mode}"
+    overrides = sft_overrides(data, run_dir, *LAYOUT, f"train.async_save={mode == 'async'}")
     proc = _torchrun(overrides, env={"TULU3_FAULT": "save:4"})
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, output[-2000:]
@@ -111,3 +114,30 @@ def test_bad_resumes_are_named(setup: tuple) -> None:
         shard.write_bytes(b"garbage")
     (result,) = run_distributed_test(run_many, 2, [base + [f"train.resume={corrupt}"]])[0]
     assert isinstance(result, str) and "corrupt" in result, result
+
+
+def test_async_saves_wall_clock_exit_and_stop_at_step(setup: tuple) -> None:
+    """With train.async_save: a run stopped by train.exit_after_minutes (after its first step)
+    and one stopped by train.stop_at_step=5 save, return normally, and resume to exactly the
+    uninterrupted losses (the LR schedule still spans train.max_steps); the resumed run also
+    writes a profiler trace and per-phase times."""
+    from tulu3.metrics import read_metrics
+
+    root, data, full = setup
+    timed, stopped = root / "timed", root / "stopped"
+    common = [*LAYOUT, "train.async_save=true"]
+    runs = [sft_overrides(data, timed, *common, "train.exit_after_minutes=1e-6"),
+            sft_overrides(data, timed, *common, "train.profile=2:3"),
+            sft_overrides(data, stopped, *common, "train.stop_at_step=5"),
+            sft_overrides(data, stopped, *common)]
+    first, resumed, until_5, rest = run_distributed_test(run_many, 2, runs)[0]
+    assert first == full[:1], (first, full)  # the first check comes after step 1
+    assert resumed == full and rest == full, (resumed, rest, full)
+    assert until_5 == full[:5], until_5
+    for run_dir in (timed, stopped):
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_8"
+        assert not list((run_dir / "checkpoints").glob(".tmp_*"))
+    assert (timed / "profile" / "trace_rank0.json").is_file()
+    record = read_metrics(timed / "metrics.jsonl")[-1]
+    for key in ("time/data_s", "time/forward_backward_s", "time/optimizer_s", "time/save_s"):
+        assert record[key] >= 0.0, (key, record)

@@ -41,13 +41,17 @@ from tulu3.checkpoint.errors import ConversionError
 BACKENDS = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
             "common_backend": "torch", "common_backend_version": 1}
 DCP_VERSION = "1.0.0"
+FILE_BYTES = 4 * 2**30
+"""Payload bytes per ``__0_N.distcp`` file the converters write."""
 
 
 class DistWriter:
-    """Writes chunks into ``__0_N.distcp`` files (a new file every ``file_bytes``) as they come,
-    keeping only their metadata; :meth:`finish` writes ``.metadata``."""
+    """Writes chunks into ``__0_N.distcp`` files as they come, keeping only their metadata;
+    :meth:`finish` writes ``.metadata``. A new file starts once the current one holds
+    ``file_bytes`` of payload (tensor bytes, not torch.save's framing), so which file a chunk
+    lands in follows from the chunk sizes alone (:func:`tulu3.checkpoint.plan.write_plan`)."""
 
-    def __init__(self, directory: str | Path, file_bytes: int = 4 * 2**30) -> None:
+    def __init__(self, directory: str | Path, file_bytes: int = FILE_BYTES) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.file_bytes = file_bytes
@@ -56,17 +60,20 @@ class DistWriter:
         self.storage: dict[MetadataIndex, _StorageInfo] = {}
         self._index = -1
         self._file = None
+        self._payload = 0  # payload bytes in the current file
 
-    def _stream(self) -> tuple[str, io.BufferedWriter]:
-        if self._file is None or self._file.tell() >= self.file_bytes:
+    def _stream(self, nbytes: int) -> tuple[str, io.BufferedWriter]:
+        if self._file is None or self._payload >= self.file_bytes:
             if self._file is not None:
                 self._file.close()
             self._index += 1
+            self._payload = 0
             self._file = open(self.dir / f"__0_{self._index}.distcp", "wb")  # noqa: SIM115
+        self._payload += nbytes
         return f"__0_{self._index}.distcp", self._file
 
-    def _append(self, payload: object) -> _StorageInfo:
-        name, f = self._stream()
+    def _append(self, payload: torch.Tensor) -> _StorageInfo:
+        name, f = self._stream(payload.numel() * payload.element_size())
         start = f.tell()
         torch.save(payload, f)
         return _StorageInfo(name, start, f.tell() - start)
@@ -92,7 +99,7 @@ class DistWriter:
 
     def add_bytes(self, key: str, data: bytes) -> None:
         """Store a ShardedObject's serialized bytes verbatim (as megatron's BytesIO items)."""
-        name, f = self._stream()
+        name, f = self._stream(len(data))
         start = f.tell()
         f.write(data)
         self.objects[key] = BytesStorageMetadata()
@@ -166,6 +173,21 @@ class DistReader:
         self.objects = [k for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, BytesStorageMetadata)]
 
+    def check_complete(self) -> None:
+        """Every stored chunk's bytes are in its file (sizes only, no reading): a truncated
+        ``.distcp`` (a full disk, an interrupted copy) is named before any load starts."""
+        needed: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                             info.offset + info.length)
+        for name, end in sorted(needed.items()):
+            path = self.dir / name
+            size = path.stat().st_size if path.is_file() else -1
+            if size < end:
+                what = "missing" if size < 0 else f"truncated ({size} of {end} bytes)"
+                raise ConversionError(f"{path}: {what}; the checkpoint is damaged: use another "
+                                      "one (an earlier step_N) or re-save it")
+
     def global_shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._meta(key).size)
 
@@ -196,9 +218,17 @@ class DistReader:
 
     def _load_chunk(self, key: str, offsets: torch.Size) -> torch.Tensor:
         info = self._info(MetadataIndex(key, offsets))
-        with open(self.dir / info.relative_path, "rb") as f:
-            return torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu",
-                              weights_only=True)
+        path = self.dir / info.relative_path
+        with open(path, "rb") as f:
+            try:
+                return torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu",
+                                  weights_only=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+                size = path.stat().st_size
+                what = (f"truncated ({size} bytes, {key} needs {info.offset + info.length})"
+                        if size < info.offset + info.length else f"corrupt ({err})".split("\n")[0])
+                raise ConversionError(f"{path}: {what}; the checkpoint is damaged: use another "
+                                      "one (an earlier step_N) or re-save it") from err
 
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The region ``[offsets, offsets + sizes)`` of global tensor ``key``."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,10 +34,11 @@ from typing import Any
 import torch
 
 from tulu3.checkpoint.dcp_io import DistReader
-from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.errors import ConversionError, parse_json
 from tulu3.checkpoint.hf_config import expected_hf_shapes
 from tulu3.model.hf_mapping import SCALAR_HEAD, TABLE, Rule, hf_names
 from tulu3.model.presets import LlamaShape, padded_vocab
+from tulu3.parallel.layout import UNEVEN_KEYS, LayoutError, ParallelLayout
 
 FORMAT_NAME = "tulu3"
 FORMAT_VERSION = 1
@@ -73,6 +75,15 @@ class CheckpointMeta:
     notes: list[str] = field(default_factory=list)
     head: str = "lm"
     """lm (an LM output layer) | scalar (a reward/value model: ``value_head`` [1, hidden])."""
+    account_for_embedding_in_pipeline_split: bool = False
+    """The layout's uneven pipeline split (megatron's flags; absent in older files: False)."""
+    account_for_loss_in_pipeline_split: bool = False
+
+    def layout(self) -> ParallelLayout:
+        """The layout recorded (one data-parallel replica)."""
+        return converter_layout(self.tp, self.pp, self.vpp,
+                                self.account_for_embedding_in_pipeline_split,
+                                self.account_for_loss_in_pipeline_split)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -80,7 +91,7 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, text: str, where: str = "") -> CheckpointMeta:
-        data = json.loads(text)
+        data = parse_json(text, where)
         if data.get("format") != FORMAT_NAME:
             raise ConversionError(f"{where}: not a tulu3 checkpoint (format {data.get('format')})")
         if data.get("format_version", 0) > FORMAT_VERSION:
@@ -93,8 +104,10 @@ class CheckpointMeta:
 def make_meta(shape: LlamaShape, tp: int, pp: int, vpp: int, dtype: str, step: int = 0,
               tokenizer: str | None = None, created_by: str = "tulu3.train",
               hf_config: dict | None = None, hf_generation_config: dict | None = None,
-              head: str = "lm") -> CheckpointMeta:
-    """The metadata of a checkpoint of ``shape`` saved at TP ``tp`` (vocab = ``shape.vocab``)."""
+              head: str = "lm", account_for_embedding_in_pipeline_split: bool = False,
+              account_for_loss_in_pipeline_split: bool = False) -> CheckpointMeta:
+    """The metadata of a checkpoint of ``shape`` saved at TP ``tp`` (vocab = ``shape.vocab``)
+    and the pipeline split given by megatron's ``account_for_*_in_pipeline_split`` flags."""
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {dtype!r}: expected one of {list(DTYPE_NAMES)}")
     if head not in HEADS:
@@ -103,7 +116,10 @@ def make_meta(shape: LlamaShape, tp: int, pp: int, vpp: int, dtype: str, step: i
                           padded_vocab=padded_vocab(shape.vocab, tp), tp=tp, pp=pp, vpp=vpp,
                           dtype=dtype, step=step, tokenizer=tokenizer, hf_config=hf_config,
                           hf_generation_config=hf_generation_config, created_by=created_by,
-                          head=head)
+                          head=head,
+                          account_for_embedding_in_pipeline_split=(
+                              account_for_embedding_in_pipeline_split),
+                          account_for_loss_in_pipeline_split=account_for_loss_in_pipeline_split)
 
 
 def is_tulu3_checkpoint(path: str | Path) -> bool:
@@ -188,23 +204,38 @@ def tp_regions(rule: Rule, global_shape: tuple[int, ...], tp: int
     raise ValueError(rule.kind)
 
 
-def check_layout(shape: LlamaShape, tp: int, pp: int, vpp: int) -> None:
-    """Raise ConversionError when TP/PP/VPP cannot split ``shape`` (names the numbers)."""
-    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp)):
-        if value < 1:
-            raise ConversionError(f"--{name}={value} must be >= 1")
-    if shape.heads % tp:
-        raise ConversionError(f"--tp={tp} does not divide the {shape.heads} attention heads")
-    if shape.kv_heads % tp:
-        raise ConversionError(f"--tp={tp} does not divide the {shape.kv_heads} kv heads "
-                              "(query groups)")
-    if shape.ffn_hidden % tp:
-        raise ConversionError(f"--tp={tp} does not divide ffn_hidden={shape.ffn_hidden}")
-    if vpp > 1 and pp == 1:
-        raise ConversionError(f"--vpp={vpp} needs --pp > 1")
-    if shape.layers % (pp * vpp):
-        raise ConversionError(f"--pp x --vpp = {pp} x {vpp} does not divide the {shape.layers} "
-                              "layers")
+def converter_layout(tp: int, pp: int, vpp: int = 1, account_for_embedding: bool = False,
+                     account_for_loss: bool = False) -> ParallelLayout:
+    """The layout of one model replica (tp x pp ranks) the converters write for; a bad size is
+    a ConversionError naming the command-line flag."""
+    try:
+        return ParallelLayout(world_size=max(tp, 1) * max(pp, 1), tp=tp, pp=pp, vpp=vpp,
+                              account_for_embedding_in_pipeline_split=account_for_embedding,
+                              account_for_loss_in_pipeline_split=account_for_loss)
+    except LayoutError as err:
+        raise ConversionError(_as_flags(str(err))) from None
+
+
+def check_layout(shape: LlamaShape, layout: ParallelLayout) -> None:
+    """Raise ConversionError when ``layout`` cannot split ``shape``: the trainer's own checks
+    (:meth:`ParallelLayout.check_model`, uneven pipeline splits included), named by flag."""
+    try:
+        layout.check_model(shape.heads, shape.kv_heads, shape.layers)
+    except LayoutError as err:
+        raise ConversionError(_as_flags(str(err))) from None
+    if shape.ffn_hidden % layout.tp:
+        raise ConversionError(f"--tp={layout.tp} does not divide ffn_hidden={shape.ffn_hidden}")
+
+
+def split_flags(layout: ParallelLayout) -> dict[str, bool]:
+    """Megatron's uneven pipeline-split flags of ``layout`` (as make_meta's keywords)."""
+    return {key: getattr(layout, key) for key in UNEVEN_KEYS}
+
+
+def _as_flags(message: str) -> str:
+    """``parallel.account_for_loss_in_pipeline_split`` -> ``--account-for-loss-in-pipeline-split``
+    (the converters' names for the recipe keys the trainer's checks name)."""
+    return re.sub(r"parallel\.([\w*]+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 # --- reading and writing directories -------------------------------------------------------
@@ -323,7 +354,9 @@ def load_model(chunks: list[torch.nn.Module], ckpt_dir: str | Path,
 
     model_dir = Path(ckpt_dir) / MODEL_DIR
     _check_head(chunks, ckpt_dir, ignore)
-    stored_objects = set(DistReader(model_dir).objects)
+    reader = DistReader(model_dir)
+    reader.check_complete()  # a truncated shard named here, not deep inside torch's DCP
+    stored_objects = set(reader.objects)
     request = model_sharded_state_dict(chunks)
     for sub in request.values():
         for name in [n for n, v in sub.items() if isinstance(v, ShardedObject)

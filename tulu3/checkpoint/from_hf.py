@@ -1,6 +1,7 @@
 """HF Llama safetensors -> tulu3 checkpoint (megatron torch_dist), streaming, one process.
 
     python -m checkpoints_tools.hf_to_megatron --hf-dir HF --out CKPT --tp 8 --pp 4 [--vpp 2]
+        [--account-for-embedding-in-pipeline-split] [--account-for-loss-in-pipeline-split]
         [--dtype bf16|fp32] [--force]
 
 Each stored chunk (one TP shard of one layer's tensor) is filled by reading exactly its rows
@@ -18,18 +19,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tulu3.checkpoint.dcp_io import DistWriter
+from tulu3.checkpoint.dcp_io import FILE_BYTES, DistWriter
 from tulu3.checkpoint.errors import ConversionError
 from tulu3.checkpoint.format import (
     DTYPE_NAMES,
     MODEL_DIR,
     check_layout,
     check_output,
+    converter_layout,
     disk_plan,
     disk_shape,
     make_meta,
     model_files,
     sharded_key,
+    split_flags,
     staged_output,
     tp_regions,
     write_meta,
@@ -112,12 +115,20 @@ def convert_tensor(reader: HFReader, writer: DistWriter, rule: Rule, layer: int 
 
 
 def convert(hf_dir: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
-            dtype: str | None = None, force: bool = False, quiet: bool = False) -> Path:
-    """Convert an HF Llama directory into a tulu3 checkpoint at ``out``; returns ``out``."""
+            dtype: str | None = None, force: bool = False, quiet: bool = False,
+            account_for_embedding_in_pipeline_split: bool = False,
+            account_for_loss_in_pipeline_split: bool = False) -> Path:
+    """Convert an HF Llama directory into a tulu3 checkpoint at ``out``; returns ``out``.
+
+    The layout (TP/PP/VPP and megatron's uneven-split flags) is checked as the trainer checks
+    it and recorded in tulu3.json; the stored tensors depend on ``tp`` only (vocab padding and
+    chunking): they load at any layout."""
     hf_dir, out = Path(hf_dir), Path(out)
     config = read_hf_config(hf_dir)
     shape = shape_from_hf_config(config)
-    check_layout(shape, tp, pp, vpp)
+    layout = converter_layout(tp, pp, vpp, account_for_embedding_in_pipeline_split,
+                              account_for_loss_in_pipeline_split)
+    check_layout(shape, layout)
     reader = HFReader(hf_dir)
     unused = check_hf_tensors(reader, shape)
     if dtype is None:
@@ -133,7 +144,7 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
     plan = disk_plan(shape)
     total = sum(_stored_bytes(reader, rule, layer, shape, tp, torch_dtype) for rule, layer in plan)
     with staged_output(out, force, model_files) as stage:
-        writer = DistWriter(stage / MODEL_DIR)
+        writer = DistWriter(stage / MODEL_DIR, FILE_BYTES)
         with tqdm(total=total, unit="B", unit_scale=True, desc="hf -> megatron",
                   disable=quiet) as progress:
             for rule, layer in plan:
@@ -142,7 +153,8 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
         reader.close()
         meta = make_meta(shape, tp, pp, vpp, dtype, created_by="checkpoints_tools.hf_to_megatron",
                          hf_config=config,
-                         hf_generation_config=read_optional_json(hf_dir / "generation_config.json"))
+                         hf_generation_config=read_optional_json(hf_dir / "generation_config.json"),
+                         **split_flags(layout))
         meta.tokenizer = str(hf_dir.resolve()) if _has_tokenizer(hf_dir) else None
         meta.notes = [n for n in [note] if n]
         write_meta(stage, meta)

@@ -8,12 +8,11 @@ which transformers 4/5 and vLLM all read, with the source's values when the sour
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.errors import ConversionError, read_json
 from tulu3.model.presets import LlamaShape
 
 # A reward model (LlamaForSequenceClassification, one label) has the same backbone.
@@ -32,7 +31,7 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json (is this an HF model directory?)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -151,7 +150,7 @@ def generation_config_for(config: dict[str, Any], base: dict[str, Any] | None = 
 
 
 def read_optional_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:

@@ -46,13 +46,13 @@ def detect_format(path: str | Path) -> str:
     """'tulu3' or 'hf'; raises ConversionError naming what was looked for."""
     path = resolve_checkpoint_dir(path)
     if not path.is_dir():
-        raise ConversionError(f"model.load={path}: not a directory")
+        raise ConversionError(f"{path}: not a directory (a checkpoint directory expected)")
     if is_tulu3_checkpoint(path):
         return "tulu3"
     if (path / "config.json").is_file() and ((path / INDEX_FILE).is_file()
                                              or (path / SINGLE_FILE).is_file()):
         return "hf"
-    raise ConversionError(f"model.load={path}: neither a tulu3 checkpoint (tulu3.json) nor an HF "
+    raise ConversionError(f"{path}: neither a tulu3 checkpoint (tulu3.json) nor an HF "
                           f"model directory (config.json + {INDEX_FILE} or {SINGLE_FILE})")
 
 

@@ -1,6 +1,7 @@
 """Rewrite a tulu3 checkpoint for another TP/PP/VPP, streaming, one process.
 
     python -m checkpoints_tools.reshard --ckpt CKPT --out NEW --tp 4 --pp 2 [--vpp 2] [--force]
+        [--account-for-embedding-in-pipeline-split] [--account-for-loss-in-pipeline-split]
 
 A tulu3 ``model/`` already loads at any layout (megatron intersects each rank's shards with the
 stored chunks), so resharding only re-pads the vocabulary rows to 128 x the new TP, cuts the stored
@@ -27,12 +28,14 @@ from tulu3.checkpoint.format import (
     check_checkpoint,
     check_layout,
     check_output,
+    converter_layout,
     disk_plan,
     disk_shape,
     model_files,
     read_global,
     read_meta,
     sharded_key,
+    split_flags,
     staged_output,
     tp_regions,
     write_meta,
@@ -50,14 +53,19 @@ def _repad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
-            force: bool = False, quiet: bool = False) -> list[str]:
-    """Write ``out`` = ``ckpt``'s model for layout TP ``tp`` x PP ``pp`` x VPP ``vpp``; returns
-    notes for the user (what was not carried)."""
+            force: bool = False, quiet: bool = False,
+            account_for_embedding_in_pipeline_split: bool = False,
+            account_for_loss_in_pipeline_split: bool = False) -> list[str]:
+    """Write ``out`` = ``ckpt``'s model for layout TP ``tp`` x PP ``pp`` x VPP ``vpp`` (and
+    megatron's uneven pipeline-split flags, checked as the trainer does); returns notes for the
+    user (what was not carried)."""
     ckpt, out = Path(ckpt), Path(out)
     meta = read_meta(ckpt)
     reader = DistReader(ckpt / MODEL_DIR)
     check_checkpoint(reader, meta)
-    check_layout(meta.shape, tp, pp, vpp)
+    layout = converter_layout(tp, pp, vpp, account_for_embedding_in_pipeline_split,
+                              account_for_loss_in_pipeline_split)
+    check_layout(meta.shape, layout)
     if out.resolve() == ckpt.resolve():
         raise ConversionError("--out must differ from --ckpt")
     check_output(out, force)
@@ -73,6 +81,7 @@ def reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1,
                          f"{ckpt} itself, which megatron reshards on load")
         origin = f"resharded from {ckpt} (TP{meta.tp} PP{meta.pp} VPP{meta.vpp})"
         new = dataclasses.replace(meta, tp=tp, pp=pp, vpp=vpp, padded_vocab=rows,
+                                  **split_flags(layout),
                                   created_by="checkpoints_tools.reshard",
                                   notes=[*meta.notes, origin, *notes])
         write_meta(stage, new)

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,17 @@ import torch.distributed as dist
 # torch's DCP errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException
 
-from tulu3.checkpoint.errors import ConversionError
+from tulu3.checkpoint.errors import ConversionError, read_json
 from tulu3.checkpoint.format import (
     META_FILE,
+    MODEL_DIR,
     load_model,
     make_meta,
     read_meta,
-    save_model,
+    split_flags,
     write_meta,
 )
+from tulu3.config import UserError
 from tulu3.model.presets import LlamaShape
 from tulu3.parallel.ddp import unwrap
 from tulu3.parallel.layout import ParallelLayout
@@ -54,7 +57,7 @@ LATEST = "latest"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit this run."""
 
 
@@ -79,6 +82,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    from tulu3.step import any_rank
+
+    return any_rank(flag)
 
 
 def _model_sharded(ddp_chunks: list) -> dict:
@@ -112,18 +123,34 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: TrainedModel, traine
                     layout: ParallelLayout, dtype: str, tokenizer: str | None = None,
                     keep_last: int = 2, extra: dict[str, TrainedModel] | None = None) -> Path:
     """Save everything needed to resume at ``step``: the policy in ``step_N/``, each extra
-    model in ``step_N/NAME/``; collective (every rank calls it)."""
+    model in ``step_N/NAME/``; collective (every rank calls it). Returns when it is complete."""
+    pending = start_checkpoint(run_dir, step, policy, trainer_state, layout, dtype, tokenizer,
+                               keep_last, extra, background=False)
+    return pending.finish()
+
+
+def start_checkpoint(run_dir: str | Path, step: int, policy: TrainedModel, trainer_state: dict,
+                     layout: ParallelLayout, dtype: str, tokenizer: str | None = None,
+                     keep_last: int = 2, extra: dict[str, TrainedModel] | None = None,
+                     background: bool = True) -> PendingSave:
+    """Begin a save (collective); the files are written by a background thread when
+    ``background``, and the checkpoint becomes ``step_N`` / ``latest`` in
+    :meth:`PendingSave.finish`.
+
+    What blocks: megatron dist_checkpointing's save planning (collective), the common state,
+    and a copy of every tensor this rank writes (so training may change the weights and the
+    optimizer state at once); the thread only writes this rank's files (no collectives).
+    """
     root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    tmp = root / f".tmp_step_{step}"
     extra = extra or {}
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    _save_trained(policy, tmp)
-    _fault_point("save", step)
+    requests = _save_trained(policy, tmp)
     for name, model in extra.items():
-        _save_trained(model, tmp / name)
+        requests += _save_trained(model, tmp / name)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
     if _rank() == 0:
         full_state = {**trainer_state, "step": step, "scheduler": policy.scheduler.state_dict(),
@@ -135,29 +162,123 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: TrainedModel, traine
         for folder, model in [(tmp, policy), *((tmp / n, m) for n, m in extra.items())]:
             head = getattr(unwrap(model.chunks[0]), "head_kind", "lm")  # scalar: reward/value
             write_meta(folder, make_meta(model.shape, layout.tp, layout.pp, layout.vpp, dtype,
-                                         step=step, tokenizer=tokenizer, head=head))
-    _barrier()
-    if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # atomic on one file system: a reader sees all of it or none
-        _write_latest(root, final.name)
-        _prune(root, keep_last)
-    _barrier()
-    return final
+                                         step=step, tokenizer=tokenizer, head=head,
+                                         **split_flags(layout.for_layers(model.shape.layers))))
+    pending = PendingSave(root, step, requests, keep_last)
+    pending.start(background)
+    return pending
 
 
-def _save_trained(model: TrainedModel, folder: Path) -> None:
-    """``folder/model`` (weights) and ``folder/optimizer`` (reshardable); collective."""
+class PendingSave:
+    """A checkpoint whose files are being written; :meth:`finish` (collective) completes it.
+
+    Until then only ``.tmp_step_N/`` exists and ``latest`` names the previous checkpoint: a
+    process killed while the thread writes (``kill -9``) leaves the last complete one loadable.
+    """
+
+    def __init__(self, root: Path, step: int, requests: list, keep_last: int) -> None:
+        self.root, self.step, self.requests, self.keep_last = root, step, requests, keep_last
+        self.final = root / f"step_{step}"
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, background: bool) -> None:
+        if not background:
+            self._write()
+            return
+        self._thread = threading.Thread(target=self._write, name=f"tulu3-save-{self.step}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        try:
+            for index, write in enumerate(self.requests):
+                write.run()
+                if index == 0:
+                    _fault_point("save", self.step)  # the policy's weights are on disk
+        except BaseException as err:  # noqa: BLE001 - re-raised by finish() in the main thread
+            self._error = err
+
+    def written(self) -> bool:
+        """Whether this rank's files are written (not collective)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def finish(self) -> Path:
+        """Wait for this rank's writes, then (every rank) write the metadata, rename
+        ``.tmp_step_N`` to ``step_N``, move ``latest`` and prune old checkpoints."""
+        if self._thread is not None:
+            self._thread.join()
+        if _any_rank(self._error is not None):  # every rank stops, none waits in finalize
+            error = self._error or "on another rank"
+            raise CheckpointError(f"writing {self.final} failed: {error}") from self._error
+        for write in self.requests:
+            for finalize in write.finalize_fns:  # collective: global metadata, barrier
+                finalize()
+        tmp = self.root / f".tmp_step_{self.step}"
+        fsync_tree(tmp)
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(self.final, ignore_errors=True)
+            tmp.rename(self.final)  # atomic on one file system: a reader sees all of it or none
+            _write_latest(self.root, self.final.name)
+            _prune(self.root, self.keep_last)
+        _barrier()
+        return self.final
+
+
+def _save_trained(model: TrainedModel, folder: Path) -> list:
+    """Plan ``folder/model`` (weights) and ``folder/optimizer`` (reshardable) saves
+    (collective); returns the writes still to do, their tensors already copied."""
+    from tulu3.checkpoint.format import model_sharded_state_dict
+
+    requests = []
+    for sub, state in ((MODEL_DIR, lambda: model_sharded_state_dict(
+                            [unwrap(c) for c in model.chunks])),
+                       (OPTIMIZER_DIR, lambda: model.optimizer.sharded_state_dict(
+                            _model_sharded(model.chunks), is_loading=False,
+                            metadata=OPTIMIZER_METADATA))):
+        target = folder / sub
+        if _rank() == 0:
+            target.mkdir(parents=True)
+        _barrier()
+        requests.append(_staged_request(state(), target))
+    return requests
+
+
+@dataclass
+class _Write:
+    """One dist_checkpointing save (megatron's AsyncRequest) whose tensors are copied: ``run``
+    writes this rank's files (no collectives); ``finalize_fns`` then run on every rank."""
+
+    function: Any
+    args: list
+    kwargs: dict
+    finalize_fns: list
+
+    def run(self) -> None:
+        if self.function is not None:
+            self.function(*self.args, **self.kwargs)
+
+
+def _staged_request(sharded_state: dict, target: Path) -> _Write:
+    """``dist_checkpointing.save(..., async_sharded_save=True)`` with every tensor to write
+    copied now: megatron's staging (``preload_fn``) moves GPU tensors to the host, but on the
+    host ``.to("cpu")`` is the tensor itself, which the next optimizer step would change while
+    the thread writes it."""
     from megatron.core import dist_checkpointing
 
-    save_model([unwrap(c) for c in model.chunks], folder)
-    optimizer_dir = folder / OPTIMIZER_DIR
-    if _rank() == 0:
-        optimizer_dir.mkdir()
-    _barrier()
-    state = model.optimizer.sharded_state_dict(_model_sharded(model.chunks), is_loading=False,
-                                               metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(state, str(optimizer_dir))
+    request = dist_checkpointing.save(sharded_state, str(target), async_sharded_save=True)
+    args = list(request.async_fn_args)
+    if request.preload_fn is not None:
+        staged = request.preload_fn() if torch.cuda.is_available() else args[1]
+        # Copy what staging left shared with the live state (every tensor on a CPU-only host;
+        # host-resident ones with CUDA), never a GPU tensor's fresh host copy twice.
+        live = {id(t) for _, _, (_, tensors) in args[1] for _, t in tensors if not t.is_cuda}
+        args[1] = [(name, key, (data, [(item, t.detach().clone() if id(t) in live else t)
+                                       for item, t in tensors]))
+                   for name, key, (data, tensors) in staged]
+    return _Write(request.async_fn, args, dict(request.async_fn_kwargs),
+                  list(request.finalize_fns))
 
 
 def _fault_point(where: str, step: int) -> None:
@@ -168,8 +289,33 @@ def _fault_point(where: str, step: int) -> None:
 
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(root / LATEST)
+    _fsync_dir(root)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (each rank: the pages it wrote are in its own
+    node's cache), so a crash after `latest` moves cannot leave it pointing at lost data."""
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -214,7 +360,7 @@ def load_checkpoint(path: Path, policy: TrainedModel, layout: ParallelLayout,
     """Restore the policy and each extra model (weights, optimizer, scheduler) and the RNG;
     returns trainer.json's state."""
     extra = extra or {}
-    state = json.loads((path / TRAINER_FILE).read_text())
+    state = read_json(path / TRAINER_FILE)
     saved = state.get("extra", {})
     for name in extra:
         # No silent restart: a PPO run whose value model restarts is not the run that stopped.

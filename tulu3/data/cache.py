@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the tokenized format or the tokenization rules change
 
@@ -98,6 +101,17 @@ def load_entry(directory: Path) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, json.loads((directory / "meta.json").read_text())
 
 
+def _load_intact(directory: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The entry in ``directory``, or None when it is missing or damaged (a truncated .npy
+    fails to map, a truncated meta.json to parse)."""
+    if not (directory / "meta.json").is_file():
+        return None
+    try:
+        return load_entry(directory)
+    except (OSError, ValueError):  # json.JSONDecodeError is a ValueError
+        return None
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,11 +131,16 @@ def get_or_build(cache_dir: str | Path | None, key: str,
         arrays, meta = build()
         return arrays, meta, False
     directory = Path(cache_dir) / key
-    if (directory / "meta.json").is_file():
-        return (*load_entry(directory), True)
+    entry = _load_intact(directory)
+    if entry is not None:
+        return (*entry, True)
     with _locked(Path(cache_dir) / f"{key}.lock"):
-        if (directory / "meta.json").is_file():  # another process built it while we waited
-            return (*load_entry(directory), True)
+        entry = _load_intact(directory)  # another process built it while we waited
+        if entry is not None:
+            return (*entry, True)
+        if directory.exists():  # damaged (truncated by a full disk or a copy): rebuilt
+            log.warning(f"tokenization cache {directory} is damaged; rebuilding it")
+            shutil.rmtree(directory, ignore_errors=True)
         arrays, meta = build()
         save_entry(directory, arrays, meta)
     return (*load_entry(directory), False)

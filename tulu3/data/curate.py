@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tulu3.config import run_command
 from tulu3.data.examples import messages_text
 from tulu3.data.loading import load_mixture, read_rows, write_jsonl
 
@@ -267,4 +268,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(main, "tulu3.curate"))

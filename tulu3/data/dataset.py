@@ -9,12 +9,14 @@ instead.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from tulu3.config import UserError
 from tulu3.data.cache import Ragged, cache_key, fingerprint_files, get_or_build
 from tulu3.data.chat_template import TEMPLATE_NAME
 from tulu3.data.examples import (
@@ -23,6 +25,7 @@ from tulu3.data.examples import (
     RLVRPrompt,
     RowError,
     SFTExample,
+    check_row,
     sft_arrays,
     tokenize_dpo,
     tokenize_rlvr,
@@ -31,6 +34,7 @@ from tulu3.data.loading import data_files, load_mixture, parse_mixture
 from tulu3.data.tokenizer import Tokenizer
 
 KINDS = ("sft", "dpo", "rlvr")
+log = logging.getLogger(__name__)
 
 
 class SFTDataset:
@@ -127,7 +131,24 @@ def build_dataset(kind: str, source: object, tok: Tokenizer, max_len: int, add_b
         return arrays, {**settings, **extra, "sources": sources, "stats": dict(stats)}
 
     arrays, meta, hit = get_or_build(cache_dir, key, build)
-    return DATASETS[kind](arrays, {**meta, "cache_hit": hit, "cache_key": key})
+    dataset = DATASETS[kind](arrays, {**meta, "cache_hit": hit, "cache_key": key})
+    _report_dropped(kind, source, meta.get("stats", {}), len(dataset), max_len)
+    return dataset
+
+
+def _report_dropped(kind: str, source: object, stats: dict, kept: int, max_len: int) -> None:
+    """Log the rows dropped and why; a data set with nothing left is a one-line error."""
+    dropped = {k: v for k, v in sorted(stats.items())
+               if (k.startswith("dropped_") or k == "bad_rows") and v}
+    reasons = ", ".join(f"{v} {k.removeprefix('dropped_').replace('_', ' ')}"
+                        for k, v in dropped.items()) or "none dropped"
+    if kept == 0:
+        raise UserError(f"{kind} data {source}: no usable example: {stats.get('rows_read', 0)} "
+                        f"rows read, dropped: {reasons} (data.max_len={max_len}); raise "
+                        "data.max_len or fix the data")
+    if dropped:
+        log.info(f"{kind} data {source}: {stats.get('rows_read', 0)} rows read, {kept} kept; "
+                 f"dropped: {reasons}")
 
 
 def _examples(rows: list, tokenize: Callable, tok: Tokenizer, max_len: int, add_bos: bool,
@@ -176,3 +197,30 @@ def _tokenize_rlvr(rows, tok, max_len, add_bos, skip, stats, progress):
 
 
 _TOKENIZE = {"sft": _tokenize_sft, "dpo": _tokenize_dpo, "rlvr": _tokenize_rlvr}
+
+
+def scan_rows(kind: str, source: object, seed: int = 0, skip_bad_rows: bool = False,
+              verifiers: list[str] | None = None) -> Counter:
+    """Read every row of ``source`` and check its schema for ``kind`` without tokenizing: the
+    pre-flight of ``tulu3.train`` (before any model is built). RLVR rows must name one of
+    ``verifiers`` (case-insensitive) when given. Returns counts: ``rows_read``, ``bad_rows``
+    (skipped when ``skip_bad_rows``) and ``rows_ok``; raises :class:`RowError` with file:line."""
+    stats: Counter = Counter()
+    rows = load_mixture(source, seed, skip_bad_rows, stats)
+    stats["rows_read"] = len(rows) + stats["bad_rows"]  # rows of bad JSON were skipped already
+    known = {name.lower() for name in verifiers or ()}
+    for row, where in rows:
+        try:
+            name = check_row(kind, row, where)
+            if verifiers is not None and name is not None and name.lower() not in known:
+                raise RowError(where, f"no verifier for dataset {name!r}; registered: "
+                                      f"{', '.join(sorted(verifiers))}")
+        except RowError:
+            if not skip_bad_rows:
+                raise
+            stats["bad_rows"] += 1
+            continue
+        stats["rows_ok"] += 1
+        if kind == "dpo" and row["chosen"][-1] == row["rejected"][-1]:  # type: ignore[index]
+            stats["identical_pairs"] += 1  # nothing to learn: the DPO loop skips them
+    return stats

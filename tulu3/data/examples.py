@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tulu3.config import UserError
 from tulu3.data.chat_template import (
     ROLES,
     generation_prompt_ids,
@@ -28,7 +29,7 @@ from tulu3.data.tokenizer import Tokenizer
 IGNORE = -100
 
 
-class RowError(ValueError):
+class RowError(UserError):
     """A malformed input row; the message starts with ``file:line``."""
 
     def __init__(self, where: str, problem: str):
@@ -110,15 +111,21 @@ def sft_arrays(row: dict, tok: Tokenizer, max_len: int, add_bos: bool = True,
                where: str = "<row>", stats: Counter | None = None
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`tokenize_sft` as (int64 [n] ids, bool [n] trained): the dataset builder's path."""
-    messages = validate_messages(_require_dict(row, where).get("messages"), where)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowError(where, "no assistant message: nothing to train on")
+    messages = sft_messages(row, where)
     ids, mask = tokenize_conversation_arrays(messages, tok, add_bos)
     ids, mask = ids[:max_len], mask[:max_len]
     if not mask[1:].any():
         _count(stats, "dropped_no_trained_tokens")
         return None
     return ids, mask
+
+
+def sft_messages(row: object, where: str) -> list[dict]:
+    """The checked messages of an SFT row (at least one assistant message to train on)."""
+    messages = validate_messages(_require_dict(row, where).get("messages"), where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(where, "no assistant message: nothing to train on")
+    return messages
 
 
 def dpo_prompt(row: dict, where: str) -> tuple[list[dict], dict, dict]:
@@ -173,6 +180,16 @@ def tokenize_rlvr(row: dict, tok: Tokenizer, max_len: int, add_bos: bool = True,
                   where: str = "<row>", stats: Counter | None = None) -> RLVRPrompt | None:
     """Prompt messages -> generation prompt ids; None (``stats["dropped_prompt_too_long"]``) when
     longer than ``max_len`` (the prompt budget; open-instruct filters such prompts too)."""
+    messages, truth, dataset = rlvr_fields(row, where)
+    prompt_ids = generation_prompt_ids(messages, tok, add_bos)
+    if len(prompt_ids) > max_len:
+        _count(stats, "dropped_prompt_too_long")
+        return None
+    return RLVRPrompt(prompt_ids, truth, dataset, messages)
+
+
+def rlvr_fields(row: object, where: str) -> tuple[list[dict], str, str]:
+    """(prompt messages, ground truth as a string, dataset name) of a checked RLVR row."""
     row = _require_dict(row, where)
     messages = validate_messages(row.get("messages"), where)
     if messages[-1]["role"] != "user":
@@ -184,11 +201,19 @@ def tokenize_rlvr(row: dict, tok: Tokenizer, max_len: int, add_bos: bool = True,
     dataset = row.get("dataset")
     if not isinstance(dataset, str) or not dataset.strip():
         raise RowError(where, "RLVR row needs a 'dataset' name (gsm8k, MATH, ifeval)")
-    prompt_ids = generation_prompt_ids(messages, tok, add_bos)
-    if len(prompt_ids) > max_len:
-        _count(stats, "dropped_prompt_too_long")
-        return None
-    return RLVRPrompt(prompt_ids, truth, dataset, messages)
+    return messages, truth, dataset
+
+
+def check_row(kind: str, row: object, where: str) -> str | None:
+    """Check a row's schema for ``kind`` (sft | dpo | rlvr) without tokenizing; returns the RLVR
+    row's dataset name (None for the other kinds). Raises :class:`RowError`."""
+    if kind == "sft":
+        sft_messages(row, where)
+    elif kind == "dpo":
+        dpo_prompt(row, where)  # type: ignore[arg-type]
+    else:
+        return rlvr_fields(row, where)[2]
+    return None
 
 
 def _ground_truth(row: dict) -> str | None:

@@ -1,4 +1,5 @@
-"""Reading rows: JSONL, JSON, Parquet, directories, saved HF datasets; mixtures of sources.
+"""Reading rows: JSONL, JSON, Parquet, directories, saved HF datasets, Hugging Face hub
+datasets from the local cache; mixtures of sources.
 
 Every row comes with ``where`` ("file:line" for JSON text, "file:row N" for Parquet / HF datasets),
 so a bad row anywhere is reported by location. Mixtures follow open-instruct's dataset mixer: a list
@@ -26,6 +27,61 @@ from tulu3.data.examples import RowError
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SUFFIXES = TEXT_SUFFIXES + (".parquet",)
+HUB_PREFIX = "hf:"
+"""A source ``hf:REPO[@CONFIG][:SPLIT]`` names a Hugging Face hub dataset (see :class:`HubId`)."""
+
+
+@dataclass(frozen=True)
+class HubId:
+    """``hf:allenai/tulu-3-sft-mixture`` (split train), ``hf:allenai/tulu-3-sft-mixture:test``,
+    ``hf:openai/gsm8k@main:test`` (config ``main``). Read with ``datasets`` from its local cache
+    only (``HF_DATASETS_CACHE``, default ~/.cache/huggingface/datasets): tulu3 never downloads;
+    fetch it once beforehand with ``datasets.load_dataset(REPO, CONFIG)`` on a machine online."""
+
+    repo: str
+    config: str | None = None
+    split: str = "train"
+
+    @classmethod
+    def parse(cls, text: str) -> HubId:
+        body = text[len(HUB_PREFIX):]
+        repo, _, split = body.partition(":")
+        repo, _, config = repo.partition("@")
+        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo) or (_ and not config) or \
+                ":" in split:
+            raise ValueError(f"{text}: not a hub dataset id (expected hf:OWNER/NAME[@CONFIG]"
+                             "[:SPLIT], e.g. hf:allenai/tulu-3-sft-mixture:train)")
+        return cls(repo, config or None, split or "train")
+
+    def __str__(self) -> str:
+        return (f"{HUB_PREFIX}{self.repo}" + (f"@{self.config}" if self.config else "")
+                + f":{self.split}")
+
+
+def is_hub_id(source: str | Path) -> bool:
+    return isinstance(source, str) and source.startswith(HUB_PREFIX)
+
+
+def load_hub_dataset(text: str):  # -> datasets.Dataset
+    """The split ``text`` names, from the local ``datasets`` cache (offline: no network)."""
+    hub = HubId.parse(text)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{hub}: reading hub datasets needs the 'datasets' package "
+                         "(pip install 'tulu3[data]')") from None
+    datasets.config.HF_HUB_OFFLINE = True  # if it was imported before the variables were set
+    try:
+        return datasets.load_dataset(hub.repo, hub.config, split=hub.split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; one line names the id
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise FileNotFoundError(
+            f"{hub}: not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+            f"and tulu3 reads the hub offline: download it first with "
+            f"datasets.load_dataset({hub.repo!r}, {hub.config!r}) where there is network "
+            f"({type(err).__name__}: {first})") from None
 
 
 def is_hf_saved_dataset(path: Path) -> bool:
@@ -34,7 +90,10 @@ def is_hf_saved_dataset(path: Path) -> bool:
 
 
 def data_files(path: str | Path) -> list[Path]:
-    """The files a source reads (a saved HF dataset: all its files), sorted; for fingerprints."""
+    """The files a source reads (a saved HF dataset: all its files; a hub dataset: its cached
+    Arrow files), sorted; for fingerprints."""
+    if is_hub_id(path):
+        return sorted(Path(f["filename"]) for f in load_hub_dataset(str(path)).cache_files)
     path = Path(path)
     if path.is_file():
         return [path]
@@ -55,6 +114,10 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False,
     Unparseable JSON raises :class:`RowError` naming file and line, or is skipped and counted in
     ``stats["bad_rows"]`` when ``skip_bad_rows``.
     """
+    if is_hub_id(path):
+        for i, row in enumerate(load_hub_dataset(str(path)), start=1):
+            yield row, f"{path}:row {i}"
+        return
     path = Path(path)
     if is_hf_saved_dataset(path):
         yield from _read_hf_saved(path)
@@ -70,8 +133,14 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False,
 
 def _read_text(file: Path) -> str:
     opener = gzip.open if file.name.endswith(".gz") else open
-    with opener(file, "rt", encoding="utf-8") as f:
-        return f.read()
+    with opener(file, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # name the line: the decoder only knows a byte offset
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise RowError(f"{file}:{line}", f"not UTF-8 text (byte {err.start}: "
+                       f"{raw[err.start:err.start + 1]!r}); convert the file to UTF-8") from None
 
 
 def _read_json_text(file: Path, skip_bad_rows: bool,
@@ -211,7 +280,7 @@ def load_mixture(spec: object, seed: int = 0, skip_bad_rows: bool = False,
     for k, source in enumerate(parse_mixture(spec)):
         source_rows = list(read_rows(source.path, skip_bad_rows, stats))
         if not source_rows:
-            raise ValueError(f"{source.path}: no rows")
+            raise RowError(str(source.path), "no rows")
         picked = select_rows(len(source_rows), source.take(len(source_rows)), seed, k)
         rows.extend(source_rows[i] for i in picked)
     return rows

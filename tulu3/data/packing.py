@@ -184,13 +184,33 @@ def cu_seqlens(seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
-def packed_seq_params(seq_ids: torch.Tensor):
-    """megatron ``PackedSeqParams`` (THD) for TE attention; the model sees tokens as [1, b * s]."""
+def packed_seq_params(seq_ids: torch.Tensor, qkv_format: str = "thd"):
+    """megatron ``PackedSeqParams`` of a micro-batch: cu_seqlens over its [b * s] tokens.
+
+    ``thd`` (Transformer Engine, as Megatron-LM feeds it): the model sees tokens as [1, b * s],
+    ``max_seqlen_*`` is the longest segment. ``sbhd`` (the torch spec's attention): activations
+    stay [s, b], and ``max_seqlen_*`` is the row length ``s`` (megatron sizes its RoPE table by
+    it; tulu3's model rotates by position_ids).
+    """
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    if qkv_format not in ("thd", "sbhd"):
+        raise ValueError(f"qkv_format {qkv_format!r}: thd or sbhd")
     bounds, longest = cu_seqlens(seq_ids)
+    if qkv_format == "sbhd":
+        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                               max_seqlen_q=seq_ids.shape[-1], max_seqlen_kv=seq_ids.shape[-1])
+    # As Megatron-Bridge's get_packed_seq_params without unpadded lengths: the offsets cover
+    # every token (padding is a segment of its own), and the padded offsets are the same.
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                           cu_seqlens_q_padded=bounds, cu_seqlens_kv_padded=bounds,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def has_packed_rows(seq_ids: torch.Tensor) -> bool:
+    """Whether any row of the micro-batch holds more than one document (padding, id -1, at a
+    row's end does not count: causal attention never reaches it from a document)."""
+    return not bool(((seq_ids == seq_ids[:, :1]) | (seq_ids < 0)).all())
 
 
 def padding_stats(batch: dict[str, torch.Tensor]) -> dict[str, float]:

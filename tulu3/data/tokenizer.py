@@ -186,6 +186,11 @@ def load_tokenizer(path: str, bos: str | None = None, eos: str | None = None,
     Instruct checkpoint's ``<|eot_id|>`` eos does not silently replace Tülu 3's choice."""
     file = _find_tokenizer_file(Path(path))
     data = file.read_bytes()
+    if not data.strip():
+        from tulu3.config import UserError
+
+        raise UserError(f"{file}: the tokenizer file is empty (an interrupted download or "
+                        "copy?): copy it again")
     digest = hashlib.sha256(data).hexdigest()[:16]
     if file.suffix == ".json":
         ranks, specials, pattern = _read_hf_tokenizer_json(data, file)

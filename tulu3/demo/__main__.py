@@ -123,7 +123,8 @@ def evaluate(checkpoint: str, data: dict[str, str], out: Path, name: str, sample
     report = out / f"eval_{name}.json"
     command = [sys.executable, "-m", "tulu3.eval", "--ckpt", checkpoint, "--data",
                data["add_eval"], "--max-new-tokens", "20", "--limit", str(samples), "--workers",
-               "1", "--tokenizer", data["tokenizer"], "--out", str(report)]
+               "1", "--tokenizer", data["tokenizer"], "--out", str(report),
+               "--show", str(samples)]  # every reply: the report counts their styles
     _log(f"eval {name}")
     _run(command, out / f"eval_{name}.log")
     return json.loads(report.read_text())

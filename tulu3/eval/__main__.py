@@ -2,6 +2,7 @@
 
 import sys
 
+from tulu3.config import run_command
 from tulu3.eval.generate import main
 
-sys.exit(main())
+sys.exit(run_command(main, "tulu3.eval"))

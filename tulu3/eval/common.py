@@ -65,9 +65,21 @@ def default_tokenizer(ckpt: str) -> str:
     if is_tulu3_checkpoint(ckpt):
         path = read_meta(ckpt).tokenizer
         if not path:
-            raise SystemExit(f"{ckpt} records no tokenizer: pass --tokenizer")
+            from tulu3.config import UserError
+
+            raise UserError(f"{ckpt} records no tokenizer: pass --tokenizer")
         return path
     return ckpt
+
+
+def check_paths(options: dict[str, str | None]) -> None:
+    """Each command-line option that names a path (when given) exists: the error names the
+    option, before any process group starts."""
+    from tulu3.config import UserError
+
+    for option, path in options.items():
+        if path and not Path(path).exists():
+            raise UserError(f"{option} {path}: not found (from {os.getcwd()})")
 
 
 def finish(report: dict[str, Any] | None, out: str | None, owns_group: bool,

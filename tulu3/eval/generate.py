@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from tulu3.eval.common import default_tokenizer, finish, init_layout, start
+from tulu3.config import run_command
+from tulu3.eval.common import check_paths, default_tokenizer, finish, init_layout, start
 from tulu3.rewards import VerifierPool, VerifyResult, rlvr_reward
 from tulu3.rewards.summary import format_summary, pass_at_k_by_dataset, summarize
 
@@ -87,12 +88,21 @@ def build_policy(ckpt: str, tp: int, pp: int, seed: int
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Generate, score and (on rank 0) return the report; other ranks return None."""
-    from tulu3.data.dataset import build_dataset
+    from tulu3.data.dataset import build_dataset, scan_rows
     from tulu3.data.tokenizer import load_tokenizer
+    from tulu3.rewards import registered_datasets
     from tulu3.rollout import PipelineComm, SamplingParams, generate
 
-    chunks, shape, layout, groups = build_policy(args.ckpt, args.tp, args.pp, args.seed)
+    # every input checked before the model is built: paths, rows (file:line), verifiers
+    check_paths({"--ckpt": args.ckpt, "--data": args.data, "--tokenizer": args.tokenizer,
+                 "--reward-model": args.reward_model})
+    scan_rows("rlvr", args.data, verifiers=registered_datasets())
     tok = load_tokenizer(args.tokenizer or default_tokenizer(args.ckpt))
+    if args.reward_model:
+        from tulu3.stages.rm.score import check_reward_head
+
+        check_reward_head(args.reward_model, "--reward-model")
+    chunks, shape, layout, groups = build_policy(args.ckpt, args.tp, args.pp, args.seed)
     dataset = build_dataset("rlvr", args.data, tok, args.max_prompt_len, not args.no_bos)
     count = min(len(dataset), args.limit or len(dataset))
     mine = [dataset[i] for i in range(groups.dp_rank, count, groups.dp_size)]
@@ -198,4 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "tulu3.eval"))

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch.distributed as dist
 
+from tulu3.config import UserError, run_command
 from tulu3.data.examples import RowError, validate_messages
 from tulu3.data.loading import read_rows
-from tulu3.eval.common import default_tokenizer, finish, init_layout, start
+from tulu3.eval.common import check_paths, default_tokenizer, finish, init_layout, start
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,9 +79,12 @@ def pair_accuracy(chosen: list[float], rejected: list[float], sources: list[str]
 def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score every pair (collective); the report on rank 0, None elsewhere."""
     from tulu3.data.tokenizer import load_tokenizer
-    from tulu3.stages.rm.score import load_reward_model, score_conversations
+    from tulu3.stages.rm.score import check_reward_head, load_reward_model, score_conversations
 
-    pairs, sources = read_pairs(args.data)
+    check_paths({"--data": args.data, "--tokenizer": args.tokenizer})
+    pairs, sources = read_pairs(args.data)  # the rows first: the cheapest check of all
+    check_paths({"--rm": args.rm})
+    check_reward_head(args.rm)
     tok = load_tokenizer(args.tokenizer or default_tokenizer(args.rm))
     cfg, _, layout, groups = init_layout(args.rm, args.tp, args.pp, seed=0)
     chunks, _ = load_reward_model(args.rm, cfg.model, layout, groups)
@@ -112,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = start()
     try:
         report = evaluate(args)
-    except RowError as err:
+    except UserError as err:  # bad rows, paths, a model without a reward head
         print(f"error: {err}", file=sys.stderr)
         return 2
     return finish(report, args.out, owns_group, lambda r: format_accuracy(r["accuracy"]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "tulu3.eval_preferences"))

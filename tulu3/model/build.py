@@ -7,14 +7,15 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tulu3.config import ModelConfig
+from tulu3.model import fusions
+from tulu3.model.fp8_recipe import check_fp8, check_te_version, te_fp8_args
 from tulu3.model.gpt import TuluGPTModel
 from tulu3.model.presets import padded_vocab, resolve_shape
-from tulu3.model.specs import has_transformer_engine, layer_spec
+from tulu3.model.specs import PACKED_FORMATS, has_transformer_engine, layer_spec
 from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "mxfp8": "mxfp8"}
 
 
 def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
@@ -23,12 +24,12 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
     shape = resolve_shape(cfg)
     dtype = DTYPES[cfg.dtype]
     on_gpu = torch.cuda.is_available()
-    fp8 = {}
-    if cfg.fp8 != "none":
-        if cfg.spec != "te" or not has_transformer_engine():
-            raise ValueError(f"model.fp8={cfg.fp8} needs model.spec=te and Transformer Engine")
-        fp8 = dict(fp8="hybrid", fp8_recipe=FP8_RECIPES[cfg.fp8],
-                   first_last_layers_bf16=cfg.fp8_bf16_edges)
+    check_fp8(cfg, layout.pp)  # again: a ModelConfig built in code skips load_config
+    fp8 = te_fp8_args(cfg)  # the torch spec's FP8 lives in its layer spec (tulu3/model/fp8.py)
+    if fp8 and has_transformer_engine():  # without TE, layer_spec refuses the te spec
+        from transformer_engine import __version__ as te_version
+
+        check_te_version(cfg, te_version)
     recompute = {}
     if cfg.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform",
@@ -62,12 +63,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout,
         # gloo swaps same-tag batched sends to one peer (PP=2): wrong numbers, silently.
         batch_p2p_comm=on_gpu,
         use_cpu_initialization=not on_gpu,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions.transformer_config_args(cfg),  # model.fused: decided in tulu3/model/fusions.py
         **fp8,
         **recompute,
     )
@@ -90,7 +86,7 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, groups: Process
         vp = vp_stage if layout.vpp > 1 else None
         model = model_class(
             config=config,
-            transformer_layer_spec=layer_spec(cfg.spec, config, vp),
+            transformer_layer_spec=layer_spec(cfg.spec, config, vp, cfg, groups.pp_rank),
             vocab_size=vocab,
             max_sequence_length=shape.max_seq_len,
             pre_process=pre,
@@ -102,6 +98,7 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, groups: Process
             rope_scaling=shape.rope_scaling,
             vp_stage=vp,
         )
+        model.packed_format = PACKED_FORMATS[cfg.spec]
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

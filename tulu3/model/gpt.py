@@ -2,7 +2,10 @@
 
 Two additions, both needed by post-training:
 - RoPE follows ``position_ids`` (megatron's GPTModel rotates by the position in the row), so a
-  packed row whose documents restart at position 0 gets the same numbers as unpacked documents.
+  packed row whose documents restart at position 0 gets the same numbers as unpacked documents,
+  and a context-parallel rank (which holds two chunks of the row) rotates by global positions.
+  THD batches (Transformer Engine, ``packed_seq_params.qkv_format == "thd"``) keep megatron's
+  RoPE, which restarts at every cu_seqlens boundary: the same positions.
 - ``forward(..., return_hidden=True)`` returns the final-norm hidden states [s, b, h] of the last
   stage instead of logits, so the fused log-prob kernel can apply the output layer chunk by chunk
   without materializing [tokens, vocab] logits.
@@ -18,6 +21,9 @@ from megatron.core.models.gpt import GPTModel
 class TuluGPTModel(GPTModel):
     _return_hidden = False
     _position_ids: torch.Tensor | None = None
+    _thd = False
+    packed_format = "sbhd"
+    """How packed rows reach attention (tulu3.model.specs.PACKED_FORMATS; set by the build)."""
 
     def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None, *args, return_hidden: bool = False,
@@ -26,22 +32,25 @@ class TuluGPTModel(GPTModel):
         hidden [s, b, h] (return_hidden, last stage) or hidden [s, b, h] (other stages)."""
         self._return_hidden = return_hidden
         self._position_ids = position_ids
+        packed = kwargs.get("packed_seq_params")
+        self._thd = packed is not None and packed.qkv_format == "thd"
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self._position_ids = None
             self._return_hidden = False
+            self._thd = False
 
     def _preprocess(self, *args, **kwargs):  # noqa: ANN002, ANN003 - megatron's signature
         out = super()._preprocess(*args, **kwargs)
         rotary = out[1]
         positions = self._position_ids
-        if rotary is None or positions is None or self.position_embedding_type != "rope":
+        if (rotary is None or positions is None or self.position_embedding_type != "rope"
+                or self._thd):
             return out
-        # rotary: [s, 1, 1, d] for positions 0..s-1 -> per token [s, b, 1, d].
-        table = rotary[:, 0, 0, :]
-        if int(positions.max()) >= table.shape[0]:
-            table = self.rotary_pos_emb(int(positions.max()) + 1)[:, 0, 0, :]
+        # The table before megatron's CP slicing: [n, 1, 1, d] for positions 0..n-1 -> per
+        # token [s, b, 1, d].
+        table = self.rotary_pos_emb.get_emb(int(positions.max()) + 1)[:, 0, 0, :]
         per_token = table[positions.transpose(0, 1)].unsqueeze(2)
         return (out[0], per_token, *out[2:])
 

@@ -25,3 +25,13 @@ class RMSNorm(torch.nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The same RMSNorm through the Triton kernel (kernels/rmsnorm_triton.py): one read of x
+    forward, one fused backward. Chosen by tulu3/model/fusions.py."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.rmsnorm_triton import triton_rmsnorm
+
+        return triton_rmsnorm(x, self.weight, self.eps)

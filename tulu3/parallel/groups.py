@@ -94,7 +94,8 @@ class ProcessGroups:
         return dist.get_global_rank(self.mp, 0) if self.mp is not None else 0
 
     def vocab_shard(self, vocab: int) -> Any:
-        """This rank's output-layer shard, with its TP group (passed into the log-prob math)."""
+        """This rank's output-layer shard, with its TP group (passed into the log-prob math) and
+        its CP group when cp > 1."""
         from tulu3.stages.logprobs import VocabShard
 
-        return VocabShard(self.tp, self.tp_rank, vocab)
+        return VocabShard(self.tp, self.tp_rank, vocab, self.cp if self.cp_size > 1 else None)

@@ -23,11 +23,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(backend: str = "auto", timeout_min: int = 30) -> tuple[int, int]:
+def init_distributed(backend: str = "auto", timeout_min: float = 30) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment (or as a single process).
 
-    Returns (rank, world_size). gloo on CPU, nccl with CUDA; installs the CPU compat layer when
-    CUDA is absent.
+    ``timeout_min``: how long a collective waits for a stalled rank before the job fails
+    (``train.collective_timeout_min``). Returns (rank, world_size). gloo on CPU, nccl with
+    CUDA; installs the CPU compat layer when CUDA is absent.
     """
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -77,6 +78,6 @@ def setup_parallel(cfg: Config) -> tuple[ParallelLayout, ProcessGroups]:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     check_backend_limits(cfg, layout, backend)
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, cfg.train.collective_timeout_min)
     init_model_parallel(layout, cfg.train.seed)
     return layout, ProcessGroups.current()

@@ -61,13 +61,10 @@ class ParallelLayout:
 
     @classmethod
     def from_config(cls, par: ParallelConfig, world_size: int) -> ParallelLayout:
-        """The layout of the recipe's ``parallel`` section (unchecked beyond construction)."""
-        return cls(world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp,
-                   sequence_parallel=par.sequence_parallel,
-                   distributed_optimizer=par.distributed_optimizer,
-                   account_for_embedding_in_pipeline_split=(
-                       par.account_for_embedding_in_pipeline_split),
-                   account_for_loss_in_pipeline_split=par.account_for_loss_in_pipeline_split)
+        """The layout of the recipe's ``parallel`` section (unchecked beyond construction):
+        every field but ``world_size`` is the config's field of the same name."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "world_size"]
+        return cls(world_size=world_size, **{name: getattr(par, name) for name in names})
 
     # --- derived sizes --------------------------------------------------------------------
 
@@ -90,7 +87,8 @@ class ParallelLayout:
     @property
     def metric_copies(self) -> int:
         """Ranks of one replica's last pipeline stage that hold the same copy of a metric
-        (every TP x CP rank computes the loss of the whole micro-batch)."""
+        (every TP x CP rank computes the loss of the whole micro-batch: CP ranks from the output
+        gathered over CP, tulu3.step)."""
         return self.tp * self.cp
 
     @property
@@ -116,6 +114,25 @@ class ParallelLayout:
         with ``vp_stage``."""
         return [(pp_rank == 0 and vp == 0, pp_rank == self.pp - 1 and vp == self.vpp - 1)
                 for vp in range(self.vpp)]
+
+    def chunk_layer_ranges(self, layers: int, pp_rank: int) -> list[range]:
+        """Global transformer layer numbers of each model chunk of pipeline rank ``pp_rank``.
+
+        Chunk ``vp`` of rank ``p`` is virtual stage ``vp * pp + p``; each holds
+        (layers + split_extra) / (pp x vpp) units, the embedding taking one unit of the first
+        virtual stage and the loss one of the last when counted (megatron's
+        get_transformer_layer_offset / get_num_layers_to_build; valid after check_model)."""
+        chunks = self.pp * self.vpp
+        per = (layers + self.split_extra) // chunks
+        embed = int(self.account_for_embedding_in_pipeline_split)
+        loss = int(self.account_for_loss_in_pipeline_split)
+        out = []
+        for vp in range(self.vpp):
+            stage = vp * self.pp + pp_rank
+            start = stage * per - (embed if stage else 0)
+            stop = (stage + 1) * per - embed - (loss if stage == chunks - 1 else 0)
+            out.append(range(start, stop))
+        return out
 
     # --- what megatron and checkpoints are told ----------------------------------------------
 
@@ -201,12 +218,24 @@ class ParallelLayout:
         """What the layer spec (``model.spec``: te | torch | local) supports."""
         if self.sequence_parallel and self.tp == 1:
             raise LayoutError("parallel.sequence_parallel=true needs parallel.tp > 1")
-        if self.cp > 1 and spec != "te":
-            raise LayoutError(f"parallel.cp={self.cp} needs model.spec=te: megatron-core supports "
-                              "context parallelism only in Transformer Engine attention")
+        if self.cp > 1 and spec == "local":
+            raise LayoutError(f"parallel.cp={self.cp} needs model.spec=torch or te (megatron's "
+                              "local attention has no context parallelism)")
         if self.sequence_parallel and spec == "local":
             raise LayoutError("parallel.sequence_parallel=true needs model.spec=torch or te "
                               "(megatron's local norm does not support it)")
+
+    def check_packing(self, spec: str, pack: bool, micro_batch: int) -> None:
+        """Packed rows reach Transformer Engine as THD, one row per micro-batch, as Megatron-LM
+        feeds it; its CP split of THD (per document) is not tulu3's row split, so refused."""
+        if spec != "te" or not pack:
+            return
+        if micro_batch != 1:
+            raise LayoutError(f"data.pack=true with model.spec=te needs train.micro_batch=1 "
+                              f"(one packed THD row per micro-batch), got {micro_batch}")
+        if self.cp > 1:
+            raise LayoutError(f"data.pack=true with model.spec=te and parallel.cp={self.cp} is "
+                              "not supported (TE splits THD per document); use model.spec=torch")
 
     def check_batch(self, global_batch: int, micro_batch: int) -> int:
         """The global batch splits into micro-batches over DP (a multiple of pp of them per DP
@@ -239,6 +268,7 @@ def make_layout(cfg: Config, world_size: int) -> ParallelLayout:
     shape = resolve_shape(cfg.model)
     layout.check_model(shape.heads, shape.kv_heads, shape.layers)
     layout.check_spec(cfg.model.spec)
+    layout.check_packing(cfg.model.spec, cfg.data.pack, cfg.train.micro_batch)
     layout.check_batch(cfg.train.global_batch, cfg.train.micro_batch)
     return layout
 

@@ -66,6 +66,8 @@ def _cpu_device(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        # No accelerator, no pinned memory (megatron's CP RoPE slicing asks for it).
+        kwargs.pop("pin_memory", None)
         return fn(*args, **kwargs)
 
     wrapper.__tulu3_cpu_patch__ = True  # type: ignore[attr-defined]

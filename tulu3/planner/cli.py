@@ -14,8 +14,10 @@ import json
 import sys
 from dataclasses import asdict
 
+from tulu3.config import run_command
 from tulu3.planner import UNEVEN_KEYS, Candidate, PlanError, Problem, choose, search
 from tulu3.planner.hardware import GIB
+from tulu3.planner.recipe import recipe_wall_clock, tulu3_405b_stages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--samples-per-prompt", type=int, default=1, help="rlvr")
     add("--ppo-epochs", type=int, default=4, help="rlvr")
     add("--value-model", default=None, help="rlvr: preset of the value model (the policy's)")
-    add("--spec", default="te", help="model.spec: te | torch (no CP) | local (no CP, unfused)")
+    add("--spec", default="te", help="model.spec: te | torch | local (no CP, unfused)")
     add("--unfused-logprobs", action="store_true", help="model.fused_logprobs=false")
+    add("--precision", default="bf16", help="bf16 | fp8 (model.fp8): the calibrated efficiency")
+    add("--context-parallel", action=argparse.BooleanOptionalAction, default=None,
+        help="propose CP > 1 layouts (default: with --spec torch, whose CP is tested; not te)")
     add("--mem-fraction", type=float, default=0.9, help="usable fraction of GPU memory")
     add("--overhead-gib", type=float, default=2.0, help="CUDA/NCCL/allocator overhead per GPU")
     return parser
@@ -52,6 +57,7 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
                    response_len=args.response_len, samples_per_prompt=args.samples_per_prompt,
                    ppo_epochs=args.ppo_epochs, value_model=args.value_model,
                    spec=args.spec, fused_logprobs=not args.unfused_logprobs,
+                   precision=args.precision, context_parallel=args.context_parallel,
                    mem_fraction=args.mem_fraction, overhead_gib=args.overhead_gib)
 
 
@@ -93,6 +99,9 @@ def render_json(problem: Problem, ranked: list[Candidate], considered: int, fitt
     out = {"problem": asdict(problem), "budget_gib": round(problem.budget_bytes / GIB, 3),
            "considered": considered, "fitting": fitting,
            "layouts": [cand.as_dict(problem) for cand in ranked]}
+    if problem.model == "llama3.1-405b":  # the whole Tülu 3 405B recipe on this cluster
+        stages = tulu3_405b_stages(problem.gpus, problem.gpu, problem.precision)
+        out["tulu3_405b_recipe"] = recipe_wall_clock(stages)
     return json.dumps(out, indent=2)
 
 
@@ -112,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "tulu3.plan"))

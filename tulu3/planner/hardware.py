@@ -23,8 +23,11 @@ class GPUSpec:
     """NVLink bandwidth per GPU and direction, bytes/s (the bus bandwidth a ring can reach)."""
     ib_bandwidth: float
     """Inter-node bandwidth per GPU and direction, bytes/s (one NIC per GPU)."""
-    compute_efficiency: float = 0.75
-    """Fraction of peak FLOP/s that large training GEMMs reach (0.75 x 989 TFLOP/s on H100)."""
+    compute_efficiency: float = 0.668
+    """Fraction of the bf16 peak that training math reaches in BF16 (calibrated on a published
+    run by tulu3/planner/anchors.py; docs/PLANNER.md)."""
+    fp8_efficiency: float = 1.063
+    """The same in FP8 (model.fp8), still as a fraction of the *bf16* peak."""
     comm_efficiency: float = 0.8
     """Fraction of link bandwidth NCCL collectives reach for large messages (nccl-tests busbw)."""
     memory_efficiency: float = 0.8

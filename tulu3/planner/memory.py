@@ -152,6 +152,12 @@ def activation_bytes(problem: Problem, layout: ParallelLayout, shape: LlamaShape
     per_layer = layer_activation_bytes(terms, seq, batch, shape.hidden, shape.heads, layout.tp,
                                        sp, recompute)
     sizes = rank_chunk_layers(shape.layers, layout, rank)
+    if layout.cp > 1 and problem.spec == "torch" and recompute != "full":
+        # The torch spec's CP attention keeps K and V all-gathered (the whole sequence) for the
+        # backward: (cp - 1) more chunks of the K and V that `sharded` counts (2 + 2 per
+        # kv_ratio, split by TP heads whether or not SP is on).
+        kv_ratio = shape.kv_heads / shape.heads
+        per_layer += 4 * kv_ratio * seq * batch * shape.hidden * (layout.cp - 1) / layout.tp
     micro_batches = problem.step_seqs // (layout.dp * problem.micro_seqs)
     total = peak_inflight_layers(sizes, rank, layout.pp, micro_batches) * per_layer
     if recompute == "full":  # the layer being recomputed holds its full activations
@@ -161,23 +167,28 @@ def activation_bytes(problem: Problem, layout: ParallelLayout, shape: LlamaShape
         sbh = seq * batch * shape.hidden
         total += 4 * sbh / (layout.tp if sp else 1)
         if head == "lm" and not problem.fused_logprobs:  # fp32 logits for the cross entropy
-            total += FP32 * seq * batch * padded_vocab(shape.vocab, layout.tp) / layout.tp
+            # (all-gathered over CP: the loss sees whole rows, tulu3.step)
+            total += FP32 * seq * layout.cp * batch * padded_vocab(shape.vocab, layout.tp) / (
+                layout.tp)
     return total
 
 
 def kv_cache_bytes(problem: Problem, layout: ParallelLayout, rank: int) -> float:
     """RLVR rollouts: K and V (bf16) of the policy's layers on ``rank`` for the DP rank's batch.
 
-    Conservative: the whole step's sequences of a data-parallel rank are generated together at
-    full length, and context parallelism does not split them.
+    Conservative: sequences at full length, context parallelism does not split them. All of a
+    data-parallel rank's sequences are generated together, or with ``generation_tokens``
+    (tulu3/rollout/pipeline.py) pp micro-batches of that many slots each.
     """
     if problem.stage != "rlvr":
         return 0.0
     shape = problem.shape
     layers = sum(rank_chunk_layers(shape.layers, layout, rank))
-    seqs = -(-problem.step_seqs // layout.dp)
+    slots = problem.seq_len * -(-problem.step_seqs // layout.dp)
+    if problem.generation_tokens is not None:
+        slots = min(slots, layout.pp * max(problem.generation_tokens, problem.seq_len))
     kv_dim = shape.kv_heads // layout.tp * shape.head_dim
-    return 2 * BF16 * layers * kv_dim * problem.seq_len * seqs
+    return 2 * BF16 * layers * kv_dim * slots
 
 
 def rank_memory(problem: Problem, layout: ParallelLayout, rank: int,

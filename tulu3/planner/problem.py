@@ -4,8 +4,10 @@ rules a run applies."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from tulu3.config import UserError
 from tulu3.model.presets import PRESETS, LlamaShape
 from tulu3.parallel.layout import UNEVEN_KEYS as UNEVEN_SWITCHES
 from tulu3.planner.hardware import GPUS, GPUSpec
@@ -16,7 +18,7 @@ UNEVEN_KEYS = tuple(f"parallel.{key}" for key in UNEVEN_SWITCHES)
 """Recipe keys an uneven pipeline split needs (Megatron TransformerConfig names)."""
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A planning request that cannot be answered; the message is one line for the user."""
 
 
@@ -47,17 +49,29 @@ class Problem:
     """cached: reference log-probs from a pre-pass (no second model); online: a frozen copy."""
     response_len: int | None = None
     """rlvr: generated tokens per sample (rlvr.max_new_tokens); default seq_len // 2."""
+    generation_tokens: int | None = None
+    """rlvr: KV-cache slots per generation micro-batch (rlvr.generation_tokens; pp of them
+    decode at once); default all of a DP rank's sequences together."""
     samples_per_prompt: int = 1
     ppo_epochs: int = 4
     value_model: str | None = None
     """rlvr: preset of PPO's value model; default the policy's (Tülu 3 used an 8B RM for all)."""
     spec: str = "te"
-    """model.spec: te (flash attention, context parallelism) | torch (SDPA flash attention, no
-    CP) | local (megatron's unfused attention keeps the s x s scores, no CP)."""
+    """model.spec: te (flash attention, ring context parallelism) | torch (SDPA flash /
+    FlexAttention, context parallelism by all-gathering K/V) | local (megatron's unfused
+    attention keeps the s x s scores, no CP)."""
     fused_logprobs: bool = True
     """model.fused_logprobs: the full vocabulary logits are never materialized."""
     mem_fraction: float = 0.9
     """A layout fits when its peak estimate is at most this fraction of the GPU's memory."""
+    precision: str = "bf16"
+    """bf16 | fp8 (model.fp8): which calibrated efficiency applies (tulu3/planner/anchors.py)."""
+    context_parallel: bool | None = None
+    """Propose CP > 1 layouts: True / False, or None (default) for "where tested": with the
+    torch spec (its all-gather CP attention is tested on CPU), not with te (TE's CP runs only
+    on a GPU cluster and is untested here)."""
+    compute_efficiency: float | None = None
+    """Override of the GPU's calibrated fraction of peak FLOP/s (what-if, calibration)."""
     overhead_gib: float = 2.0
     """CUDA context, NCCL buffers, cuBLAS workspace and allocator slack per GPU, GiB."""
 
@@ -67,6 +81,7 @@ class Problem:
         _choice("gpu", self.gpu, GPUS)
         _choice("dpo reference", self.dpo_reference, ("cached", "online"))
         _choice("spec", self.spec, ("te", "torch", "local"))
+        _choice("precision", self.precision, ("bf16", "fp8"))
         if self.value_model is not None:
             _choice("value model", self.value_model, PRESETS)
         for name in ("gpus", "seq_len", "global_batch", "micro_batch", "gpus_per_node",
@@ -93,8 +108,17 @@ class Problem:
         return PRESETS[self.value_model or self.model]
 
     @property
+    def proposes_cp(self) -> bool:
+        """Whether CP > 1 layouts are enumerated (:attr:`context_parallel`)."""
+        return self.spec == "torch" if self.context_parallel is None else self.context_parallel
+
+    @property
     def gpu_spec(self) -> GPUSpec:
-        return GPUS[self.gpu]
+        """The GPU, its ``compute_efficiency`` the one of this problem's precision."""
+        spec = GPUS[self.gpu]
+        efficiency = self.compute_efficiency or (
+            spec.fp8_efficiency if self.precision == "fp8" else spec.compute_efficiency)
+        return dataclasses.replace(spec, compute_efficiency=efficiency)
 
     @property
     def response_tokens(self) -> int:

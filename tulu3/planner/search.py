@@ -49,8 +49,6 @@ class Candidate:
         """``key=value`` recipe overrides that select this candidate (for ``--set``)."""
         pairs = [*self.layout.overrides(), f"model.recompute={self.recompute}",
                  f"train.micro_batch={micro_batch}"]
-        if self.layout.cp > 1:  # megatron-core has context parallelism only in TE attention
-            pairs.append("model.spec=te")
         return pairs
 
     def as_dict(self, problem: Problem) -> dict[str, Any]:
@@ -83,6 +81,8 @@ def runs(problem: Problem, layout: ParallelLayout) -> bool:
             layout.for_layers(shape.layers).check_model(shape.heads, shape.kv_heads, shape.layers)
         layout.check_spec(problem.spec)
         layout.check_batch(problem.step_seqs, problem.micro_seqs)
+        if layout.cp > 1 and problem.stage == "rlvr":  # generation refuses CP (preflight)
+            return False
     except LayoutError:
         return False
     return True
@@ -101,8 +101,8 @@ def base_layouts(problem: Problem) -> Iterator[ParallelLayout]:
     min_layers = min(shape.layers for shape in _shapes(problem))
     for tp in _divisors(min(problem.gpus_per_node, problem.gpus)):  # TP stays inside a node
         for cp in _divisors(problem.gpus // tp):
-            if cp > 1 and problem.seq_len % (2 * cp):  # 2 x cp load-balanced chunks
-                continue
+            if cp > 1 and (problem.seq_len % (2 * cp) or not problem.proposes_cp):
+                continue  # 2 x cp load-balanced chunks; CP only when switched on
             for pp in _divisors(problem.gpus // (tp * cp)):
                 if pp > min_layers:
                     continue

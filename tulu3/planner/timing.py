@@ -113,13 +113,18 @@ def rank_microbatch_time(problem: Problem, layout: ParallelLayout, rank: int,
 
 
 def _cp_exposed(problem: Problem, layout: ParallelLayout, p: Passes, layers: int) -> float:
-    """Ring attention: cp - 1 K/V chunk hops per layer forward, K/V + their grads backward,
-    hidden behind the attention math of the same layer where it is long enough."""
+    """te: ring attention, cp - 1 K/V chunk hops per layer forward, K/V + their grads backward,
+    hidden behind the attention math of the same layer where it is long enough. torch
+    (tulu3/model/attention.py): one all-gather of K and V per layer forward and one
+    reduce-scatter of their gradients backward, each moving (cp - 1) chunks, not overlapped."""
     if layout.cp == 1:
         return 0.0
     shape, seq = p.shape, problem.seq_len
     kv_dim = shape.kv_heads / layout.tp * shape.head_dim
     kv = 2 * BF16 * problem.micro_seqs * seq / layout.cp * kv_dim  # this rank's K and V chunk
+    if problem.spec == "torch":
+        collectives = p.forward + p.backward
+        return layers * collectives * (layout.cp - 1) * kv / _link(problem, layout.tp * layout.cp)
     hops = (layout.cp - 1) * (p.forward + 2 * p.backward)
     comm = hops * kv / _link(problem, layout.tp * layout.cp)
     tokens = problem.micro_seqs * seq / (layout.tp * layout.cp)
@@ -193,19 +198,36 @@ def _optimizer_time(problem: Problem, layout: ParallelLayout, passes: list[Passe
 
 
 def generation_time(problem: Problem, layout: ParallelLayout) -> float:
-    """RLVR rollouts on the training layout (in-process): compute-bound prefill, then one
-    memory-bound decode step per response token that reads every pipeline stage's weights and
-    half the final KV cache on average. Context parallelism does not split generation."""
+    """RLVR rollouts on the training layout, as tulu3/rollout/ runs them.
+
+    A DP rank's prompts are generated in micro-batches (one, or as many as
+    ``rlvr.generation_tokens`` slots allow); with PP > 1 up to ``pp`` of them are in flight,
+    round-robin over the stages. One micro-batch of ``b`` sequences costs a stage, per token,
+    ``max(weights + its KV cache read / bandwidth, 2 x params x b / flops)`` (memory-bound
+    decode), and its prompt ``2 x params x prompt x b / flops`` (compute-bound prefill). With one
+    micro-batch the stages run one after another (``pp`` stage-times a token); with ``k`` in
+    flight every stage works on one of them at a time, so a round of ``max(pp, k)`` stage-times
+    advances ``k`` micro-batches by a token. Splitting a batch that fits only re-reads the
+    weights per micro-batch; it pays when the batch does not fit. Context parallelism does not
+    split generation."""
     if problem.stage != "rlvr":
         return 0.0
     spec, shape = problem.gpu_spec, problem.shape
     seqs = -(-problem.step_seqs // layout.dp)
-    params = rank_params(shape, layout, 0)
-    total_params = params * layout.tp * layout.pp  # the replica's weights, per token
+    micro_batches = 1
+    if problem.generation_tokens is not None:
+        per_micro = max(1, problem.generation_tokens // problem.seq_len)
+        micro_batches = -(-seqs // per_micro)
+    batch = -(-seqs // micro_batches)
+    in_flight = min(layout.pp, micro_batches)
+    params = rank_params(shape, layout, 0)  # one stage's weights on one GPU
     prompt = problem.seq_len - problem.response_tokens
-    prefill = 2 * total_params * prompt * seqs / (layout.tp * layout.pp * spec.achievable_flops)
     kv_dim = shape.kv_heads // layout.tp * shape.head_dim
-    kv = 2 * BF16 * _layers_on(shape, layout, 0) * kv_dim * problem.seq_len * seqs / 2
-    read = layout.pp * (BF16 * params + kv) / (spec.hbm_bandwidth * spec.memory_efficiency)
-    math = 2 * total_params * seqs / (layout.tp * layout.pp * spec.achievable_flops)
-    return prefill + problem.response_tokens * max(read, math)
+    kv = 2 * BF16 * _layers_on(shape, layout, 0) * kv_dim * problem.seq_len * batch / 2
+    read = (BF16 * params + kv) / (spec.hbm_bandwidth * spec.memory_efficiency)
+    stage_token = max(read, 2 * params * batch / spec.achievable_flops)
+    stage_prefill = 2 * params * prompt * batch / spec.achievable_flops
+    rounds = -(-micro_batches // in_flight)
+    decode = problem.response_tokens * rounds * max(layout.pp, in_flight) * stage_token
+    prefill = (micro_batches + layout.pp - 1) * stage_prefill
+    return prefill + decode

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from tulu3.config import run_command
 from tulu3.data.loading import atomic_output
 from tulu3.rewards.base import get_verifier, rlvr_reward
 from tulu3.rewards.sandbox import VerifierPool
@@ -114,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "tulu3.rewards"))

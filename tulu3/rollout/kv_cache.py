@@ -5,6 +5,10 @@ of this rank's chunks a :class:`LayerKVCache`; each forward inside the block app
 and values (already rotated by RoPE, this rank's query groups only) and attends over all cached
 ones. The caller (tulu3/rollout/engine.py) passes the matching mask [b, 1, s_new, s_cached]. On
 exit the caches are dropped and the model is the training model again: same weights, no copy.
+
+Several micro-batches decoding at once (tulu3/rollout/pipeline.py) each own a list of caches
+(:func:`new_caches`, one per attention module) and install theirs (:func:`install`) before each
+forward of theirs.
 """
 
 from __future__ import annotations
@@ -45,21 +49,32 @@ def attention_modules(chunks: list[torch.nn.Module]) -> list[SDPAttention]:
     return [m for chunk in chunks for m in unwrap(chunk).modules() if isinstance(m, SDPAttention)]
 
 
-@contextmanager
-def kv_cache(chunks: list[torch.nn.Module], batch: int, max_len: int) -> Iterator[None]:
-    """Attach a fresh cache of ``max_len`` positions for ``batch`` rows to every attention."""
+def new_caches(chunks: list[torch.nn.Module], batch: int, max_len: int) -> list[LayerKVCache]:
+    """One empty cache of ``max_len`` positions for ``batch`` rows per attention module of
+    ``chunks`` (in :func:`attention_modules` order)."""
     modules = attention_modules(chunks)
     if not modules:
         raise ValueError("the KV cache needs model.spec=torch (SDPAttention); use "
                          "generate(..., use_cache=False) with other specs")
     config = unwrap(chunks[0]).config
-    head_dim = config.kv_channels
     weight = next(unwrap(chunks[0]).parameters())
-    for module in modules:
-        module.kv_cache = LayerKVCache(batch, module.groups, max_len, head_dim,
-                                       config.params_dtype, weight.device)
+    return [LayerKVCache(batch, module.groups, max_len, config.kv_channels, config.params_dtype,
+                         weight.device) for module in modules]
+
+
+def install(modules: list[SDPAttention], caches: list[LayerKVCache] | None) -> None:
+    """Give every attention module (:func:`attention_modules`) its cache from ``caches`` (None:
+    detach them all)."""
+    for index, module in enumerate(modules):
+        module.kv_cache = None if caches is None else caches[index]
+
+
+@contextmanager
+def kv_cache(chunks: list[torch.nn.Module], batch: int, max_len: int) -> Iterator[None]:
+    """Attach a fresh cache of ``max_len`` positions for ``batch`` rows to every attention."""
+    modules = attention_modules(chunks)
+    install(modules, new_caches(chunks, batch, max_len))
     try:
         yield
     finally:
-        for module in modules:
-            module.kv_cache = None
+        install(modules, None)

@@ -7,7 +7,7 @@ no [tokens, vocab] logits) or the vocab-parallel log-softmax over logits runs is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ class VocabShard:
     tp_rank: int
     vocab: int
     """Real vocabulary size (the tokenizer's)."""
+    cp_group: dist.ProcessGroup | None = None
+    """Context-parallel group when cp > 1: fused hidden states then hold this CP rank's slice
+    of each row (tulu3.parallel.context), and the log-probs are gathered over it."""
 
     def bounds(self, rows_per_rank: int) -> tuple[int, int]:
         start = self.tp_rank * rows_per_rank
@@ -45,6 +48,8 @@ def token_logprobs(model: torch.nn.Module, output: torch.Tensor, labels: torch.T
     Returns:
         logprobs [b, s] fp32 (0 where labels == -100) and entropy [b, s] fp32 or None.
     """
+    if fused and shard.cp_group is not None and shard.cp_group.size() > 1:
+        return _context_parallel_logprobs(model, output, labels, shard, with_entropy)
     batch, seq = labels.shape
     if fused:
         weight = model.output_weight()
@@ -60,3 +65,20 @@ def token_logprobs(model: torch.nn.Module, output: torch.Tensor, labels: torch.T
                                                     with_entropy=with_entropy)
     logprobs = logprobs.reshape(batch, seq)
     return logprobs, None if entropy is None else entropy.reshape(batch, seq)
+
+
+def _context_parallel_logprobs(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                               shard: VocabShard, with_entropy: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused log-probs of this CP rank's hidden states [s / cp, b, h] against its slice of the
+    whole rows' ``labels`` [b, s], gathered back to [b, s] (each CP rank then computes the same
+    loss; the backward keeps this rank's slice, so the output weight sees each token once)."""
+    from tulu3.parallel.context import cp_positions, gather_sequence
+
+    group = shard.cp_group
+    index = cp_positions(labels.shape[1], group.size(), group.rank(), labels.device)
+    local = replace(shard, cp_group=None)
+    logprobs, entropy = token_logprobs(model, hidden, labels.index_select(1, index), local,
+                                       True, with_entropy)
+    logprobs = gather_sequence(logprobs, 1, group)
+    return logprobs, None if entropy is None else gather_sequence(entropy, 1, group)

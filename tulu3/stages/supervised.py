@@ -13,6 +13,7 @@ from typing import Any
 from tulu3.config import Config
 from tulu3.data.dataset import build_dataset
 from tulu3.data.sampler import GlobalBatchSampler
+from tulu3.metrics.profiling import phase
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.stages.base import Stage
 from tulu3.stages.forward import eval_mode
@@ -58,7 +59,8 @@ class SupervisedLoop:
                 for indices in index_lists]
 
     def train_step(self, step: int) -> dict[str, Any]:
-        batches = self.micro_batches(self.dataset, self.sampler.micro_batches(step))
+        with phase("data"):
+            batches = self.micro_batches(self.dataset, self.sampler.micro_batches(step))
         self.sampler.consumed_steps = step + 1
         return self._finish(train_step(self.chunks, self.trainer.optimizer,
                                        self.trainer.scheduler, batches, self.stage, self.layout,

@@ -24,13 +24,15 @@ from tulu3.parallel.init import (  # free_port: also tulu3.testing.free_port, fo
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
-            results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+            results: Any, backend: str | None = "gloo") -> None:
+    if backend is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend is not None:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
         value = fn(*args, **kwargs)
         # Plain pickle: torch's queue reductions share memory by file descriptor, which dies
         # with this process before the parent reads it.
@@ -48,7 +50,7 @@ def _teardown() -> None:
 
 
 def run_distributed_test(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300,
-                         **kwargs: Any) -> list[Any]:
+                         backend: str | None = "gloo", **kwargs: Any) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo processes.
 
     Returns the per-rank return values (index = rank); raises ``AssertionError`` with the failing
@@ -57,7 +59,8 @@ def run_distributed_test(fn: Callable, world_size: int, *args: Any, timeout_s: f
     ctx = mp.get_context("fork")
     results = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results))
+    procs = [ctx.Process(target=_worker,
+                         args=(r, world_size, port, fn, args, kwargs, results, backend))
              for r in range(world_size)]
     for proc in procs:
         proc.start()
@@ -92,6 +95,13 @@ def run_distributed_test(fn: Callable, world_size: int, *args: Any, timeout_s: f
     if errors:
         raise AssertionError("distributed test failed:\n" + "\n".join(errors))
     return [outputs[r] for r in range(world_size)]
+
+
+def run_in_child(fn: Callable, *args: Any, timeout_s: float = 300, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in one forked process without a process group (a dry run that
+    makes its own fake world, anything that installs megatron's CPU patches); its return value,
+    or AssertionError with its traceback. The pytest process itself stays unpatched."""
+    return run_distributed_test(fn, 1, *args, timeout_s=timeout_s, backend=None, **kwargs)[0]
 
 
 def _kill(procs: list) -> None:

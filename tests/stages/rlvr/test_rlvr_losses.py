@@ -14,7 +14,9 @@ from tulu3.stages.rlvr.losses import (
     gae,
     group_advantages,
     grpo_token_loss,
+    kl_estimate,
     kl_k1,
+    kl_k2,
     kl_k3,
     last_index,
     ppo_policy_loss,
@@ -39,12 +41,30 @@ def test_kl_estimators() -> None:
     close(kl_k3(logp, ref), [math.exp(-1.0), 0.0])
 
 
+def test_kl_estimators_by_name() -> None:
+    """open-instruct's kl1 / kl2 / kl3 with d = log pi - log pi_ref, worked by hand:
+    d = ln 2 (pi = 2 pi_ref): kl1 = 0.693147, kl2 = 0.693147^2 / 2 = 0.240227,
+    kl3 = e^-d - 1 + d = 0.5 - 1 + 0.693147 = 0.193147;
+    d = -1: kl1 = -1, kl2 = 0.5, kl3 = e - 1 - 1 = 0.718282."""
+    logp = torch.tensor([math.log(0.5), -2.0], dtype=torch.float64)
+    ref = torch.tensor([math.log(0.25), -1.0], dtype=torch.float64)
+    close(kl_estimate("kl1", logp, ref), [0.693147, -1.0], 1e-6)
+    close(kl_estimate("kl2", logp, ref), [0.240227, 0.5], 1e-6)
+    close(kl_estimate("kl3", logp, ref), [0.193147, 0.718282], 1e-6)
+    assert torch.equal(kl_k2(logp, ref), kl_estimate("kl2", logp, ref))
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_estimate("k4", logp, ref)
+
+
 def test_ppo_rewards_kl_penalty_and_score_on_last_token() -> None:
     logp = torch.tensor([[0.0, -1.0, -2.0, -0.5, 0.0]])
     ref = torch.tensor([[0.0, -1.5, -2.0, -1.0, 0.0]])
     # k1 = [0.5, 0, 0.5] on the response; -0.1 * k1 = [-0.05, 0, -0.05]; + 10 on the last
     close(ppo_rewards(torch.tensor([10.0]), logp, ref, MASK, kl_beta=0.1),
           [[0.0, -0.05, 0.0, 9.95, 0.0]])
+    # kl2 = k1^2 / 2 = [0.125, 0, 0.125]; -0.1 * kl2 = [-0.0125, 0, -0.0125]
+    close(ppo_rewards(torch.tensor([10.0]), logp, ref, MASK, 0.1, "kl2"),
+          [[0.0, -0.0125, 0.0, 9.9875, 0.0]])
     empty = torch.zeros(1, 5)
     close(ppo_rewards(torch.tensor([10.0]), logp, ref, empty, 0.1), [[0.0] * 5])
     assert last_index(torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]])).tolist() == [2, -1]
@@ -102,6 +122,9 @@ def test_grpo_token_loss_adds_k3() -> None:
     loss, _ = grpo_token_loss(logp, old, ref, torch.tensor([2.0]), clip=0.2, kl_beta=0.5)
     # ratio 1: -2 * 1 = -2; + 0.5 * k3(e^-1) = 0.5 * 0.367879
     close(loss, [-2.0 + 0.5 * math.exp(-1.0)])
+    # kl1 instead: d = -1 - (-2) = 1 -> -2 + 0.5 * 1
+    loss, _ = grpo_token_loss(logp, old, ref, torch.tensor([2.0]), 0.2, 0.5, "kl1")
+    close(loss, [-1.5])
 
 
 def test_value_loss_clipping() -> None:

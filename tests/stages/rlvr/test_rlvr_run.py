@@ -10,10 +10,11 @@ Two launches (start-up dominates on 2 cores):
   and PPO from that SFT checkpoint, two rollout batches each, on the ``coin`` verifier
   (tests/stages/rlvr/rlvr_verifiers.py), whose data has a prompt that hangs its verifier, one that
   raises and one that kills the worker process: training goes on, each scores 0 and is counted.
-- 4 ranks: the same parity runs at TP2xPP2 (GRPO) and TP2xDP2 with the distributed optimizer
-  (PPO), the SFT checkpoint resharded at load: every logged loss and rollout metric equals the
-  single process's (generation samples the same tokens at every layout, and mini-batches hold
-  the same prompts).
+- 4 ranks: the same parity runs at TP2xPP2 (GRPO, generating in pipelined micro-batches of
+  ``rlvr.generation_tokens``) and TP2xDP2 with the distributed optimizer (PPO, with the kl2
+  penalty), the SFT checkpoint resharded at load: every logged loss and rollout metric equals
+  the single process's (generation samples the same tokens at every layout and micro-batching,
+  and mini-batches hold the same prompts).
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ PARITY = {
     "grpo": ["rlvr.algo=grpo", "rlvr.samples_per_prompt=4", "rlvr.ppo_epochs=2",
              "rlvr.mini_batches=2", "rlvr.kl_beta=0.05"],
     "ppo": ["rlvr.algo=ppo", "rlvr.samples_per_prompt=2", "rlvr.ppo_epochs=2",
-            "rlvr.mini_batches=2", "rlvr.kl_beta=0.05", "rlvr.whiten_advantages=true"],
+            "rlvr.mini_batches=2", "rlvr.kl_beta=0.05", "rlvr.whiten_advantages=true",
+            "rlvr.kl_estimator=kl2"],
 }
-LAYOUTS_4 = {"grpo": ("TP2xPP2", ["parallel.tp=2", "parallel.pp=2"]),
+LAYOUTS_4 = {"grpo": ("TP2xPP2", ["parallel.tp=2", "parallel.pp=2",
+                                  # 16 rows of ~20 prompt + 20 new tokens: micro-batches of
+                                  # 4 rows, 2 decoding at once (the single process: one batch)
+                                  "rlvr.generation_tokens=180"]),
              "ppo": ("TP2xDP2 dist-opt", ["parallel.tp=2",
                                           "parallel.distributed_optimizer=true"])}
 COMPARED = ("loss", "reward", "verified", "no_eos", "kl", "entropy", "response_length",

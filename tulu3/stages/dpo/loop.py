@@ -23,6 +23,7 @@ import torch
 from tulu3.config import Config, ConfigError
 from tulu3.data.packing import collate_dpo
 from tulu3.data.sampler import GlobalBatchSampler
+from tulu3.metrics.profiling import phase
 from tulu3.model.presets import resolve_shape
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.stages.dpo import reference as ref
@@ -149,8 +150,9 @@ class DPOLoop(SupervisedLoop):
         """Collated micro-batches with the reference log-probs of their pairs attached."""
         batches = super().micro_batches(dataset, index_lists)
         if self.reference_chunks is not None:
-            values = ref.reference_pass(self.reference_chunks, batches, self.ref_measure,
-                                        self.layout)
+            with phase("reference"):
+                values = ref.reference_pass(self.reference_chunks, batches, self.ref_measure,
+                                            self.layout)
             if self.groups.last_stage:  # the only ranks with a loss
                 def lookup(ids: list[int]) -> torch.Tensor:
                     return torch.tensor([values[i] for i in ids])

@@ -1,20 +1,24 @@
 """The RLVR loop (``--stage rlvr``): generate, verify, pre-pass, advantages, PPO / GRPO updates.
 
 One trainer step is one rollout batch: ``train.global_batch`` prompts (DP-sharded, each DP rank
-its contiguous share, as every loop) x ``rlvr.samples_per_prompt`` samples, then
+its contiguous share, as every loop) x ``rlvr.samples_per_prompt`` samples (episodes), then
 ``rlvr.ppo_epochs`` passes over ``rlvr.mini_batches`` mini-batches, each one optimizer step of
 the shared :func:`tulu3.step.train_step`. Per step:
 
 1. generate with the policy's own chunks (tulu3/rollout/; sample keys are global sample
-   positions, so the same seed samples the same tokens at every layout);
+   positions, so the same seed samples the same tokens at every layout), in generation
+   micro-batches of at most ``rlvr.generation_tokens`` KV-cache slots, pp of them in flight;
+   a sample ends at eos, at a ``rlvr.stop_strings`` string, or at ``rlvr.max_new_tokens``;
 2. verify: the first rank of each model-parallel group scores its replica's responses in a
    :class:`~tulu3.rewards.VerifierPool` and broadcasts them; a timeout or a crashed verifier
    scores 0 and is counted (``verifier_timeouts`` / ``verifier_errors``), never stops training;
-   reward = ``rlvr_reward`` (correct_reward if verified, no_eos_penalty when no eos);
+   reward = ``rlvr_reward`` (correct_reward if verified, no_eos_penalty when it stopped on
+   neither eos nor a stop string);
 3. forward-only pre-passes, once per rollout batch: old log-probs and entropy (policy),
    reference log-probs (a frozen copy of the initial policy; skipped when kl_beta is 0) and,
    for PPO, values (the value model), broadcast from the last pipeline stage to the others;
-4. advantages: PPO: per-token KL penalty + reward on the last token, GAE, whitening over the
+4. advantages: PPO: per-token KL penalty (``rlvr.kl_estimator``, default kl1; GRPO's loss
+   term defaults to kl3) + reward on the last token, GAE, whitening over the
    global batch; GRPO: group-normalized rewards on every response token;
 5. updates: mini-batch m holds the prompts whose position p in the global batch has
    ``p % mini_batches == m`` with all their samples (the same sets at every DP size); the order
@@ -26,16 +30,24 @@ LR schedule; :meth:`RLVRLoop.extra_models`), so a resumed run continues exactly 
 The frozen reference is not saved: it is rebuilt from ``model.load`` (see
 :func:`~tulu3.stages.rlvr.models.build_reference`).
 
+Run length: ``train.epochs`` over the prompts (drop-last), or with ``rlvr.total_episodes``
+(open-instruct's) ``total_episodes // (global_batch x samples_per_prompt)`` steps, as many epochs
+as that takes; ``train.max_steps`` caps either.
+
 LR schedule: it steps once per rollout batch (``optim.warmup`` and the decay count rollout
 batches); every optimizer step of one rollout batch uses the same LR.
 
-Metrics: ``reward``, ``verified`` (the verifier's verdict, eos or not), ``no_eos``,
+Metrics: ``reward``, ``verified`` (the verifier's verdict, eos or not), ``no_eos`` (stopped on
+neither eos nor a stop string),
 ``response_length`` (means over samples); ``kl`` (sum over the response of log pi_old -
 log pi_ref, mean over samples: open-instruct's ``objective/kl``); ``entropy`` (per response
 token, of the rollout policy); ``loss``, ``clip_fraction``, ``approx_kl``, ``ratio`` (means over
 the update steps); PPO: ``value_loss``, ``explained_variance`` (of the rollout's values);
-``gen_tokens_per_s`` (all replicas), ``time/generation_s``, ``time/scoring_s``,
-``time/training_s``; ``verifier_timeouts``, ``verifier_errors`` (counts in the step).
+``gen_tokens_per_s`` (all replicas); wall-clock seconds of this rank's step, which add up to
+it: ``time/generation_s`` (the ``generate`` call), ``time/scoring_s`` (everything else until
+the rewards: decoding the responses, verification, building the rollout batch),
+``time/training_s`` (pre-passes, advantages, the PPO / GRPO updates); ``verifier_timeouts``,
+``verifier_errors`` (counts in the step).
 """
 
 from __future__ import annotations
@@ -52,13 +64,16 @@ from tulu3.checkpoint.training import TrainedModel
 from tulu3.config import Config, ConfigError
 from tulu3.data.dataset import build_dataset
 from tulu3.data.sampler import GlobalBatchSampler
+from tulu3.metrics.profiling import TIMERS, phase
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.rewards import VerifierPool, VerifyResult, rlvr_reward
 from tulu3.rollout import PipelineComm, SamplingParams, generate
 from tulu3.rollout.batch import RolloutBatch
 from tulu3.rollout.kv_cache import attention_modules
+from tulu3.rollout.stop import StopStrings
 from tulu3.stages.forward import forward_pass
 from tulu3.stages.logprobs import VocabShard
+from tulu3.stages.rlvr.faults import check_verifier_failures
 from tulu3.stages.rlvr.losses import (
     explained_variance,
     gae,
@@ -69,10 +84,13 @@ from tulu3.stages.rlvr.losses import (
     whiten,
 )
 from tulu3.stages.rlvr.models import ValueModel, build_reference
+from tulu3.stages.rlvr.settings import run_length, validate_rlvr
 from tulu3.stages.rlvr.stage import RLVRPolicyStage, TokenLogprobs, TokenValues, ValueStage
 from tulu3.step import train_step
 
 log = logging.getLogger(__name__)
+
+__all__ = ["RLVRLoop", "build_loop", "validate_rlvr"]
 
 POLICY_KEYS = ("old_logprobs", "ref_logprobs", "advantages")
 VALUE_KEYS = ("old_values", "returns")
@@ -83,38 +101,6 @@ class _HeldScheduler:
 
     def step(self, increment: int = 1) -> None:
         pass
-
-
-def validate_rlvr(cfg: Config, layout: ParallelLayout) -> None:
-    """Raise ConfigError for RLVR settings that cannot run (before anything is built)."""
-    rl, train = cfg.rlvr, cfg.train
-    if rl.rollout_backend != "inprocess":
-        raise ConfigError("rlvr.rollout_backend=vllm is not implemented in this build: "
-                          "use rlvr.rollout_backend=inprocess (generation on the trainer's own "
-                          "weights)")
-    if rl.algo == "grpo" and rl.samples_per_prompt < 2:
-        raise ConfigError("rlvr.algo=grpo needs rlvr.samples_per_prompt >= 2 (it normalizes "
-                          "rewards within each prompt's group)")
-    if train.global_batch % layout.dp:
-        raise ConfigError(f"train.global_batch={train.global_batch} prompts do not split over "
-                          f"{layout.dp} data-parallel ranks")
-    share = train.global_batch // layout.dp
-    if share % rl.mini_batches:
-        raise ConfigError(f"{share} prompts per DP rank do not split into rlvr.mini_batches="
-                          f"{rl.mini_batches}")
-    prompts = share // rl.mini_batches
-    if prompts % train.micro_batch:
-        raise ConfigError(f"a mini-batch has {prompts} prompts per DP rank, not a multiple of "
-                          f"train.micro_batch={train.micro_batch} (an RLVR micro-batch is "
-                          "train.micro_batch prompts with all their samples)")
-    micro_batches = prompts // train.micro_batch
-    if layout.vpp > 1 and micro_batches % layout.pp:
-        raise ConfigError(f"interleaved pipelining needs micro-batches per mini-batch "
-                          f"({micro_batches}) to be a multiple of parallel.pp")
-    if layout.vpp > 1 and micro_batches == layout.pp and not torch.cuda.is_available():
-        # As make_layout: megatron's all-warm-up interleaved path deadlocks on gloo.
-        raise ConfigError(f"interleaved pipelining on CPU/gloo needs more micro-batches per "
-                          f"mini-batch ({micro_batches}) than parallel.pp={layout.pp}")
 
 
 class RLVRLoop:
@@ -141,10 +127,14 @@ class RLVRLoop:
         self.eval_dataset = build_dataset("rlvr", data.eval, **common) if data.eval else None
         self.has_eval = self.eval_dataset is not None
         train = cfg.train
+        self.steps, epochs = run_length(cfg, len(self.dataset))
         self.sampler = GlobalBatchSampler(len(self.dataset), train.global_batch, 1, self.dp_rank,
-                                          self.dp, train.seed, train.epochs)
+                                          self.dp, train.seed, epochs)
+        self.kl_estimator = self.rl.kl_estimator or ("kl1" if self.rl.algo == "ppo" else "kl3")
         self.policy_stage = RLVRPolicyStage(shard, self.rl.algo, self.rl.clip, self.rl.kl_beta,
-                                            cfg.model.fused_logprobs, self.rl.temperature)
+                                            cfg.model.fused_logprobs, self.rl.temperature,
+                                            self.kl_estimator)
+        self.stop = StopStrings(tokenizer.decode, self.rl.stop_strings)
         self.reference = (build_reference(cfg, chunks, layout, trainer.groups)
                           if self.rl.kl_beta > 0 else None)
         self.value = (ValueModel(cfg, layout, trainer.groups, self.total_steps())
@@ -158,7 +148,7 @@ class RLVRLoop:
                         "model.spec=torch for RLVR")
 
     def total_steps(self) -> int:
-        steps = len(self.sampler)
+        steps = self.steps
         return min(steps, self.cfg.train.max_steps) if self.cfg.train.max_steps else steps
 
     # --- one rollout batch --------------------------------------------------------------------
@@ -170,11 +160,16 @@ class RLVRLoop:
         prompts = [self.dataset[i] for i in indices]
         batch, outcome, gen_s = self._rollout(step, prompts)
         scored = time.monotonic()
-        self._prepass(batch)
+        with phase("reference"):  # old / reference log-probs and values: forward-only
+            self._prepass(batch)
         self._advantages(batch, outcome["reward"])
         updates = self._update(step, batch)
         done = time.monotonic()
         metrics = self._rollout_metrics(batch, outcome, gen_s)
+        self._verify_fail_streak = check_verifier_failures(  # warns, or stops the run
+            metrics["verifier_timeouts"] + metrics["verifier_errors"],
+            self.cfg.train.global_batch * self.rl.samples_per_prompt, step + 1, self.rl,
+            getattr(self, "_verify_fail_streak", 0))
         metrics.update(updates)
         metrics.update({"time/generation_s": gen_s,
                         "time/scoring_s": scored - started - gen_s,
@@ -189,28 +184,38 @@ class RLVRLoop:
         keys = [(first + j) * samples + k for j in range(len(prompts)) for k in range(samples)]
         params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, self.cfg.train.seed)
         started = time.monotonic()
-        results = generate(self.chunks, ids, params, self.shard.vocab, [self.tok.eos_id],
-                           keys=keys, comm=self.comm)
+        with phase("generation"):
+            results = self._generate(ids, params, keys)
         gen_s = time.monotonic() - started
-        items = [(prompts[i // samples].dataset, self._text(r.tokens),
+        items = [(prompts[i // samples].dataset, self._text(r),
                   prompts[i // samples].ground_truth) for i, r in enumerate(results)]
-        verdict = self._score(items)
-        has_eos = torch.tensor([r.has_eos for r in results], dtype=torch.float64)
+        with phase("verification"):
+            verdict = self._score(items)
+        # eos or a stop string: no no_eos_penalty (open-instruct: vLLM's finish_reason "stop")
+        stopped = torch.tensor([r.stopped for r in results], dtype=torch.float64)
         reward = torch.tensor([rlvr_reward(VerifyResult(bool(c)), bool(e), rl.correct_reward,
                                            rl.no_eos_penalty)
-                               for c, e in zip(verdict[:, 0], has_eos, strict=True)])
+                               for c, e in zip(verdict[:, 0], stopped, strict=True)])
         batch = RolloutBatch.build(ids, [r.tokens for r in results],
                                    [i // samples for i in range(len(results))], self._pad_id())
         outcome = {"reward": reward, "verified": verdict[:, 0], "timeouts": verdict[:, 1],
-                   "errors": verdict[:, 2], "no_eos": 1.0 - has_eos}
+                   "errors": verdict[:, 2], "no_eos": 1.0 - stopped}
         return batch, outcome, gen_s
 
     def _rows_per_micro_batch(self) -> int:
         """An RLVR micro-batch is ``train.micro_batch`` prompts with all their samples."""
         return self.cfg.train.micro_batch * self.rl.samples_per_prompt
 
-    def _text(self, tokens: list[int]) -> str:
-        return self.tok.decode([t for t in tokens if t != self.tok.eos_id])
+    def _generate(self, prompts: list, params: SamplingParams, keys: list[int] | None = None
+                  ) -> list:
+        return generate(self.chunks, prompts, params, self.shard.vocab, [self.tok.eos_id],
+                        keys=keys, max_tokens=self.rl.generation_tokens,
+                        stop=self.stop or None, comm=self.comm)
+
+    def _text(self, result) -> str:
+        """The response text the verifier sees: eos dropped, cut after a stop string."""
+        text = self.tok.decode([t for t in result.tokens if t != self.tok.eos_id])
+        return self.stop.truncate(text) if result.stopped and not result.has_eos else text
 
     def _pad_id(self) -> int:
         return self.tok.pad_id if self.tok.pad_id is not None else 0
@@ -254,7 +259,7 @@ class RLVRLoop:
             return
         tokens = batch.per_token
         rewards = ppo_rewards(reward.float(), tokens["old_logprobs"], tokens["ref_logprobs"],
-                              mask, rl.kl_beta)
+                              mask, rl.kl_beta, self.kl_estimator)
         advantages, returns = gae(rewards, tokens["old_values"], mask, rl.gamma, rl.lam)
         if rl.whiten_advantages:
             advantages = whiten(advantages, mask, self.dp_group)
@@ -277,10 +282,12 @@ class RLVRLoop:
                                          self.cfg.train.skip_nan))
                 if self.value is not None:
                     v_scheduler = self.value.scheduler if last else _HeldScheduler()
-                    value.append(train_step(self.value.chunks, self.value.optimizer, v_scheduler,
-                                            batch.micro_batches(minis[m], size, VALUE_KEYS),
-                                            self.value_stage, self.layout, step,
-                                            self.cfg.train.skip_nan))
+                    with phase("value_update"), TIMERS.muted():  # not the policy's MFU time
+                        value.append(train_step(self.value.chunks, self.value.optimizer,
+                                                v_scheduler,
+                                                batch.micro_batches(minis[m], size, VALUE_KEYS),
+                                                self.value_stage, self.layout, step,
+                                                self.cfg.train.skip_nan))
         out = {name: float(np.mean([r[name] for r in policy]))
                for name in ("loss", "clip_fraction", "approx_kl", "ratio", "grad_norm")}
         out.update(lr=policy[0]["lr"], skipped=any(r.get("skipped") for r in policy))
@@ -307,7 +314,9 @@ class RLVRLoop:
         out = {"reward": reward / n, "verified": verified / n, "no_eos": no_eos / n,
                "response_length": length / n, "kl": kl_sum / n, "entropy": entropy_mean,
                "verifier_timeouts": int(timeouts), "verifier_errors": int(errors),
-               "gen_tokens_per_s": length / max(gen_s, 1e-9), "tokens": int(seq_tokens)}
+               "gen_tokens_per_s": length / max(gen_s, 1e-9), "tokens": int(seq_tokens),
+               # the policy trains on every rollout token once per PPO epoch (MFU counts these)
+               "trained_tokens": int(seq_tokens) * self.rl.ppo_epochs}
         if self.value is not None:
             out["explained_variance"] = explained_variance(tokens["old_values"],
                                                            tokens["returns"], mask,
@@ -323,12 +332,11 @@ class RLVRLoop:
         mine = [self.eval_dataset[i] for i in range(self.dp_rank, len(self.eval_dataset),
                                                     self.dp)]
         params = SamplingParams(self.rl.max_new_tokens)
-        results = generate(self.chunks, [p.prompt_ids for p in mine], params, self.shard.vocab,
-                           [self.tok.eos_id], comm=self.comm)
-        verdict = self._score([(p.dataset, self._text(r.tokens), p.ground_truth)
+        results = self._generate([p.prompt_ids for p in mine], params)
+        verdict = self._score([(p.dataset, self._text(r), p.ground_truth)
                                for p, r in zip(mine, results, strict=True)])
         sums = torch.tensor([float(verdict[:, 0].sum()),
-                             float(sum(not r.has_eos for r in results)), float(len(mine))],
+                             float(sum(not r.stopped for r in results)), float(len(mine))],
                             dtype=torch.float64)
         if self.dp > 1:
             dist.all_reduce(sums, group=self.dp_group)

@@ -26,21 +26,44 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """``(log pi(y_t) - log pi_ref(y_t))^2 / 2``: the k2 estimator (biased, low variance,
+    always >= 0)."""
+    return (logprobs - ref_logprobs) ** 2 / 2
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """``pi_ref / pi - log(pi_ref / pi) - 1`` per sampled token: the k3 estimator (unbiased,
-    always >= 0) that GRPO adds to its loss (DeepSeekMath eq. 4)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    always >= 0) that GRPO adds to its loss (DeepSeekMath eq. 4). With d = log pi - log pi_ref
+    it is ``expm1(-d) + d`` (open-instruct's numerically stable form)."""
+    d = logprobs - ref_logprobs
+    return torch.expm1(-d) + d
+
+
+KL_ESTIMATORS = {"kl1": kl_k1, "kl2": kl_k2, "kl3": kl_k3}
+"""open-instruct's ``kl_estimator`` names (``ppo_vllm_thread_ray_gtrl.py``: kl1 = logprobs -
+ref_logprobs, kl2 = kl1^2 / 2, kl3 = exp(-kl1) - 1 + kl1; ``grpo_fast.py`` the same, kl3 as
+``expm1(-d) + d``)."""
+
+
+def kl_estimate(estimator: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor
+                ) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate [b, T] by ``estimator`` (kl1 | kl2 | kl3)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"rlvr.kl_estimator: {estimator!r} is not one of "
+                         f"{tuple(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
 
 
 def ppo_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                mask: torch.Tensor, kl_beta: float) -> torch.Tensor:
-    """Per-token rewards r_t = -kl_beta * k1_t on response tokens, plus ``scores`` on each row's
-    last response token (Ziegler et al., 2019, eq. 2; Ouyang et al., 2022; Tülu 3 §6.1).
+                mask: torch.Tensor, kl_beta: float, estimator: str = "kl1") -> torch.Tensor:
+    """Per-token rewards r_t = -kl_beta * kl_t (``estimator``, default k1) on response tokens,
+    plus ``scores`` on each row's last response token (Ziegler et al., 2019, eq. 2; Ouyang et
+    al., 2022; Tülu 3 §6.1).
 
     Returns [b, T] (0 off the mask). A row with an empty response gets no reward at all.
     """
-    rewards = -kl_beta * kl_k1(logprobs, ref_logprobs) * mask
+    rewards = -kl_beta * kl_estimate(estimator, logprobs, ref_logprobs) * mask
     last = last_index(mask)
     has = last >= 0
     rows = torch.nonzero(has).flatten()
@@ -129,11 +152,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
 def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                     ref_logprobs: torch.Tensor, advantages: torch.Tensor, clip: float,
-                    kl_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    kl_beta: float, estimator: str = "kl3") -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO's per-token loss (DeepSeekMath eq. 3, negated): the clipped surrogate plus
-    ``kl_beta * k3(pi || pi_ref)``. Returns (loss [b, T], clipped [b, T])."""
+    ``kl_beta * kl(pi || pi_ref)`` (``estimator``, default k3). Returns (loss [b, T], clipped
+    [b, T])."""
     surrogate, was_clipped = ppo_policy_loss(logprobs, old_logprobs, advantages, clip)
-    return surrogate + kl_beta * kl_k3(logprobs, ref_logprobs), was_clipped
+    return (surrogate + kl_beta * kl_estimate(estimator, logprobs, ref_logprobs),
+            was_clipped)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

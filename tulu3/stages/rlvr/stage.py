@@ -36,10 +36,13 @@ class RLVRPolicyStage:
                     "response_tokens")
 
     def __init__(self, shard: VocabShard, algo: str, clip: float, kl_beta: float,
-                 fused: bool = True, temperature: float = 1.0) -> None:
+                 fused: bool = True, temperature: float = 1.0, kl_estimator: str = "kl3"
+                 ) -> None:
         if algo not in ("ppo", "grpo"):
             raise ValueError(f"rlvr.algo: {algo!r} is not ppo or grpo")
         self.shard, self.algo, self.clip, self.kl_beta = shard, algo, clip, kl_beta
+        self.kl_estimator = kl_estimator
+        """GRPO's KL term in the loss (PPO's is in the rewards, tulu3/stages/rlvr/losses.py)."""
         self.uses_hidden = fused
         self.temperature = temperature
 
@@ -52,7 +55,8 @@ class RLVRPolicyStage:
         old = batch["old_logprobs"]
         if self.algo == "grpo":
             per_token, clipped = grpo_token_loss(logprobs, old, batch["ref_logprobs"],
-                                                 batch["advantages"], self.clip, self.kl_beta)
+                                                 batch["advantages"], self.clip, self.kl_beta,
+                                                 self.kl_estimator)
             lengths = mask.sum(dim=1)
             per_seq = (per_token * mask).sum(dim=1) / lengths.clamp(min=1)
             loss_sum = per_seq[lengths > 0].sum()

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tulu3.config import UserError, run_command
 from tulu3.model.presets import LlamaShape
 from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
 
 
-class RMExportError(ValueError):
+class RMExportError(UserError):
     """The export cannot produce a model transformers scores like tulu3 does."""
 
 
@@ -125,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "tulu3.rm_export"))

@@ -52,6 +52,27 @@ class SequenceScores:
         return ids, {"score": sequence_scores(output, batch["seq_ids"], int(ids.numel())).float()}
 
 
+def check_reward_head(path: str | Path, option: str = "--rm") -> None:
+    """Refuse a checkpoint without a trained reward head (a policy / LM checkpoint would be
+    scored by a randomly initialised head): tulu3 ``head: scalar`` or an HF
+    ``*ForSequenceClassification``."""
+    from tulu3.checkpoint.format import read_meta
+    from tulu3.checkpoint.hf_config import read_hf_config
+    from tulu3.checkpoint.load import detect_format, resolve_checkpoint_dir
+    from tulu3.config import UserError
+
+    resolved = resolve_checkpoint_dir(path)
+    if detect_format(resolved) == "tulu3":
+        found = read_meta(resolved).head
+        ok = found == "scalar"
+    else:
+        found = ",".join(read_hf_config(resolved).get("architectures") or ["unknown"])
+        ok = "ForSequenceClassification" in found
+    if not ok:
+        raise UserError(f"{option} {path}: not a reward model (head {found}): it has no trained "
+                        "reward head; train one with --stage rm or pass an RM checkpoint")
+
+
 def load_reward_model(path: str | Path, model_cfg: ModelConfig, layout: ParallelLayout,
                       groups: ProcessGroups) -> tuple[list[torch.nn.Module], LlamaShape]:
     """Build ScalarHeadModel chunks shaped like the checkpoint and load it (frozen: eval mode,
