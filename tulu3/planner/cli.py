@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--samples-per-prompt", type=int, default=1, help="rlvr")
     add("--ppo-epochs", type=int, default=4, help="rlvr")
     add("--value-model", default=None, help="rlvr: preset of the value model (the policy's)")
+    add("--generation-tokens", type=int, default=None,
+        help="rlvr: rlvr.generation_tokens, KV-cache slots per generation micro-batch "
+        "(default: a rank's prompts in one micro-batch)")
     add("--spec", default="te", help="model.spec: te | torch | local (no CP, unfused)")
     add("--unfused-logprobs", action="store_true", help="model.fused_logprobs=false")
     add("--precision", default="bf16", help="bf16 | fp8 (model.fp8): the calibrated efficiency")
@@ -56,7 +59,8 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
                    gpus_per_node=args.gpus_per_node, dpo_reference=args.dpo_reference,
                    response_len=args.response_len, samples_per_prompt=args.samples_per_prompt,
                    ppo_epochs=args.ppo_epochs, value_model=args.value_model,
-                   spec=args.spec, fused_logprobs=not args.unfused_logprobs,
+                   generation_tokens=args.generation_tokens, spec=args.spec,
+                   fused_logprobs=not args.unfused_logprobs,
                    precision=args.precision, context_parallel=args.context_parallel,
                    mem_fraction=args.mem_fraction, overhead_gib=args.overhead_gib)
 
