@@ -104,7 +104,7 @@ def _stage_section(out: Path, stage: dict) -> list[str]:
             lines.append(f"| {key} | {_fmt(first.get(key, ''))} | {_fmt(last[key])} |")
     accuracy = eval_accuracy(stage.get("eval", {}))
     styles = answer_styles(stage.get("eval", {}))
-    lines += ["", f"Verifiable-task accuracy (greedy, `tulu3.eval.generate` on add_eval.jsonl): "
+    lines += ["", f"Verifiable-task accuracy (greedy, `python -m tulu3.eval` on add_eval.jsonl): "
                   f"**{_fmt(accuracy) if accuracy is not None else 'n/a'}**; reply styles: "
                   f"{styles['verified']} verified style, {styles['answer_first']} answer-first, "
                   f"{styles['other']} other.", "", EFFECT[name], ""]
