@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + ", ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--compile", action="store_true", help="torch.compile the HF model")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
+                        metavar="KEY=VALUE", help="more tulu3 recipe keys for the tulu3 and "
+                        "dpo rows (e.g. model.fp8=current, model.fused=all)")
     parser.add_argument("--out", default="runs/bench_step/result.json")
     if parser.parse_known_args(argv)[0].tiny:
         parser.set_defaults(**TINY)
@@ -91,7 +94,8 @@ def tulu3_config(args: argparse.Namespace) -> Any:
         f"model.dtype={args.dtype}", "model.fused_logprobs=true", "sft.loss_reduction=mean",
         f"optim.lr={LR}", "optim.warmup=0", "optim.schedule=constant", f"optim.clip={CLIP}",
         f"optim.beta1={BETAS[0]}", f"optim.beta2={BETAS[1]}", f"optim.eps={EPS}",
-        "optim.weight_decay=0.0", f"train.seed={args.seed}", f"data.max_len={args.seq}"])
+        "optim.weight_decay=0.0", f"train.seed={args.seed}", f"data.max_len={args.seq}",
+        *(item for group in args.overrides for item in group)])
 
 
 # --- data ---------------------------------------------------------------------------------------
