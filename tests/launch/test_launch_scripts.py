@@ -52,7 +52,7 @@ def _torchrun(stage: str, recipe: str, *, nnodes: int, rank: int, nproc: int, ad
 def test_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
-    assert len(SCRIPTS) == 7, SCRIPTS  # common.sh, three stages, three sbatch files
+    assert len(SCRIPTS) == 8, SCRIPTS  # common.sh, three stages, gpu_check, three sbatch files
     result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
