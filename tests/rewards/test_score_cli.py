@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from tulu3.config import run_command
 from tulu3.rewards import VerifyResult, register_verifier, rlvr_reward, verify
 from tulu3.rewards.__main__ import main
 from tulu3.rewards.base import as_result
@@ -96,7 +97,8 @@ def test_pass_at_k_by_dataset() -> None:
 
 def test_score_onto_its_own_input_keeps_every_row(tmp_path, capsys) -> None:
     """``score X --out X`` (issue: it emptied X and reported "0 scored"): X ends up holding the
-    scored rows; a missing input is one line and exit 2, with nothing written."""
+    scored rows; a missing input is the commands' one-line error (tulu3.config.run_command) and
+    exit 2, with nothing written."""
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     assert main(["score", str(path), "--out", str(path), "--workers", "1"]) == 0
@@ -105,6 +107,8 @@ def test_score_onto_its_own_input_keeps_every_row(tmp_path, capsys) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no temporary left
     capsys.readouterr()
     missing = tmp_path / "missing.jsonl"
-    assert main(["score", str(missing), "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {missing}: no such file"
+    argv = ["score", str(missing), "--out", str(tmp_path / "o.jsonl")]
+    assert run_command(main, "tulu3.rewards", argv) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"tulu3.rewards: error: {missing}: No such file or directory"
     assert not (tmp_path / "o.jsonl").exists()

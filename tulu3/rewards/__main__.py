@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -65,9 +64,6 @@ def _chunks(lines: TextIO, size: int, bad: list[str]) -> Iterator[list[dict[str,
 
 
 def score_file(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.input):
-        print(f"error: {args.input}: no such file", file=sys.stderr)
-        return 2
     with open(args.input, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
     bad: list[str] = []
