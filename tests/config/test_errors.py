@@ -89,7 +89,10 @@ def test_run_command_prints_one_line_and_exits_non_zero(capsys, monkeypatch) -> 
 
 
 def test_run_command_other_ranks_are_quiet_and_debug_raises(capsys, monkeypatch) -> None:
-    monkeypatch.delenv("TULU3_DEBUG", raising=False)
+    # setenv then delenv: monkeypatch records the variable, so the --debug below (which sets it
+    # for the process) is undone at teardown and cannot reach later tests in this worker
+    monkeypatch.setenv("TULU3_DEBUG", "0")
+    monkeypatch.delenv("TULU3_DEBUG")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")  # a torchrun rank
     assert run_command(_fail(UserError("bad")), "prog", []) == 2

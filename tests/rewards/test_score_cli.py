@@ -95,7 +95,7 @@ def test_pass_at_k_by_dataset() -> None:
     assert math.isclose(out["all"]["pass@1"], (0.25 + 0.0 + 1.0) / 3)
 
 
-def test_score_onto_its_own_input_keeps_every_row(tmp_path, capsys) -> None:
+def test_score_onto_its_own_input_keeps_every_row(tmp_path, capsys, monkeypatch) -> None:
     """``score X --out X`` (issue: it emptied X and reported "0 scored"): X ends up holding the
     scored rows; a missing input is the commands' one-line error (tulu3.config.run_command) and
     exit 2, with nothing written."""
@@ -107,6 +107,7 @@ def test_score_onto_its_own_input_keeps_every_row(tmp_path, capsys) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no temporary left
     capsys.readouterr()
     missing = tmp_path / "missing.jsonl"
+    monkeypatch.delenv("TULU3_DEBUG", raising=False)  # another test's --debug may have set it
     argv = ["score", str(missing), "--out", str(tmp_path / "o.jsonl")]
     assert run_command(main, "tulu3.rewards", argv) == 2
     assert capsys.readouterr().err.strip() == \
