@@ -8,7 +8,6 @@ of the pytest process (tests/conftest.py)."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -35,18 +34,12 @@ def test_405b_recipes_dry_run_at_256_ranks(stage):
 
 def _recipe_dry_runs(stage: str) -> None:
     cfg = load_config(RECIPES[stage], [])
-    seconds = []
     for rank, layers in RANKS.items():
         world(rank)
-        start = time.perf_counter()
         text = dry_run(cfg, stage)
-        seconds.append(time.perf_counter() - start)
         line = text.splitlines()[-1]
         assert f"rank {rank} (TP{rank % 8} PP{rank // 16} DP{rank // 8 % 2})" in line, line
         assert layers in line and "meta device" in line, line
-    # A 405B stage (~3 B parameters) on meta: measured ~0.2-0.5 s once megatron is imported
-    # (the first call of the session also imports it); real allocation would take minutes.
-    assert max(seconds[1:]) < 20, seconds
     assert "TP8xPP16xDP2 (SP, dist-opt) on 256 ranks" in text
 
 
