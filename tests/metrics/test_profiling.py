@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
 
+from tulu3.metrics import profiling
 from tulu3.metrics.profiling import PhaseTimers, StepProfiler, parse_profile, phase_metrics
 
 
-def test_nested_phases_count_exclusive_time() -> None:
+class FakeClock:
+    """``time.perf_counter`` that moves only when the test sleeps: exact, whatever the load."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_nested_phases_count_exclusive_time(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
     timers = PhaseTimers()
     with timers.phase("data"):
-        time.sleep(0.02)
+        clock.sleep(0.25)
         with timers.phase("reference"):
-            time.sleep(0.05)
+            clock.sleep(0.5)
     with timers.phase("value_update"), timers.muted():
         with timers.phase("forward_backward"):  # muted: not the policy's training time
-            time.sleep(0.01)
+            clock.sleep(0.125)
     totals = timers.drain()
-    assert set(totals) == {"data", "reference", "value_update"}, totals
-    # data holds its own 20 ms, not the 50 ms of the reference pass inside it (sleep only
-    # oversleeps, so the lower bounds are exact; the upper ones allow a busy machine 40 ms).
-    assert 0.02 <= totals["data"] < 0.06 and 0.05 <= totals["reference"] < 0.09, totals
+    # data holds its own 0.25 s, not the 0.5 s of the reference pass inside it; value_update
+    # holds all of its 0.125 s, the muted forward_backward nothing (binary fractions: exact)
+    assert totals == {"data": 0.25, "reference": 0.5, "value_update": 0.125}, totals
     assert timers.drain() == {}
     assert phase_metrics({"data": 0.25})["time/data_s"] == 0.25
 

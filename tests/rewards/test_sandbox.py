@@ -19,12 +19,13 @@ from tulu3.rewards.sandbox import PoolStats
 TIMEOUT_S = 1.5
 GRACE_S = 0.5
 PWNED = "/tmp/tulu3_rewards_pwned"
+SLEEP_S = 60  # how long the hanging verifiers sleep
 
 
 @register_verifier("test_sleepy")
 def sleepy(response: str, ground_truth: str) -> bool:
     """Hangs in Python: the worker's own timer interrupts it, the worker survives."""
-    time.sleep(60)
+    time.sleep(SLEEP_S)
     return True
 
 
@@ -32,7 +33,7 @@ def sleepy(response: str, ground_truth: str) -> bool:
 def stuck(response: str, ground_truth: str) -> bool:
     """Hangs with SIGALRM blocked (like C code that never checks signals): must be killed."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-    time.sleep(60)
+    time.sleep(SLEEP_S)
     return True
 
 
@@ -56,7 +57,7 @@ def hog(response: str, ground_truth: str) -> bool:
 def catches_everything(response: str, ground_truth: str) -> VerifyResult:
     """A verifier that swallows Exception must still time out (the timeout is a BaseException)."""
     try:
-        time.sleep(60)
+        time.sleep(SLEEP_S)
     except Exception:  # noqa: BLE001 - the point of this verifier
         return VerifyResult(True, None, "swallowed")
     return VerifyResult(True, None, "slept")
@@ -84,7 +85,9 @@ def test_hung_verifier_times_out_and_the_worker_survives(pool: VerifierPool) -> 
     start = time.monotonic()
     results = pool.score(items)
     assert [r.reason for r in results] == ["timeout", "match", "timeout", "match"]
-    assert time.monotonic() - start < 2 * (TIMEOUT_S + GRACE_S) + 1.0
+    # the verifiers sleep 60 s; well under that proves the time limit cut them (not how fast:
+    # a loaded 2-core CI machine may take seconds to schedule the workers)
+    assert time.monotonic() - start < SLEEP_S / 2
     after = pool.stats
     assert after.timeouts - before.timeouts == 2 and after.restarts == before.restarts
 
@@ -95,7 +98,7 @@ def test_stuck_worker_is_killed_and_replaced(pool: VerifierPool) -> None:
     results = pool.score([("test_stuck", "", ""), ("gsm8k", "3", "3"), ("gsm8k", "4", "5")])
     assert results[0].reason == "timeout"
     assert results[1].correct and not results[2].correct
-    assert time.monotonic() - start < TIMEOUT_S + GRACE_S + 10.0  # + a replacement's start-up
+    assert time.monotonic() - start < SLEEP_S / 2  # killed, not slept out (+ a replacement)
     assert pool.stats.restarts == before.restarts + 1
     assert pool.score([("gsm8k", "6", "6")] * 4) == [verify("gsm8k", "6", "6")] * 4
 
