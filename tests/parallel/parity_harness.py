@@ -18,6 +18,7 @@ from tulu3.data.packing import has_packed_rows
 from tulu3.model import hf_mapping
 from tulu3.model.build import build_model_chunks
 from tulu3.model.presets import resolve_shape
+from tulu3.model.scalar_head import build_scalar_chunks, initial_value_head
 from tulu3.optim import build_optimizer
 from tulu3.parallel.ddp import unwrap, wrap_ddp
 from tulu3.parallel.groups import ProcessGroups
@@ -106,9 +107,11 @@ class Setup:
 
 
 def setup_layout(world: int, overrides: list[str], micro_batch: int = 1,
-                 global_batch: int = 8) -> Setup:
+                 global_batch: int = 8, scalar_head: bool = False) -> Setup:
     """The tiny Llama from the same random HF weights at the layout in ``overrides`` (lr 1e-3,
-    constant), wrapped in DDP with its AdamW; initialises model parallelism."""
+    constant), wrapped in DDP with its AdamW; initialises model parallelism. ``scalar_head``:
+    the reward / value model instead (:class:`ScalarHeadModel`, its head's fixed initial
+    weight, the same at every layout)."""
     cfg = load_config(None, [f"model.vocab={VOCAB}", "optim.lr=1e-3", "optim.warmup=0",
                              "optim.schedule=constant", f"train.global_batch={global_batch}",
                              f"train.micro_batch={micro_batch}", *overrides])
@@ -116,7 +119,11 @@ def setup_layout(world: int, overrides: list[str], micro_batch: int = 1,
     init_model_parallel(layout, seed=1234)
     shape = resolve_shape(cfg.model)
     hf_state = tiny_hf_llama(shape, seed=0).state_dict()
-    chunks = build_model_chunks(cfg.model, layout, ProcessGroups.current())
+    build = build_model_chunks
+    if scalar_head:  # no lm_head; score.weight is the head (hf_mapping.SCALAR_HEAD)
+        build = build_scalar_chunks
+        hf_state["score.weight"] = initial_value_head(shape.hidden)
+    chunks = build(cfg.model, layout, ProcessGroups.current())
     tp_rank = ps.get_tensor_model_parallel_rank()
     for chunk in chunks:
         hf_mapping.load_hf_into_chunk(chunk, hf_state.__getitem__, shape, tp_rank, layout.tp)
