@@ -307,6 +307,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def tokenization_cache(self) -> str:
+        """``data.cache_dir``, or its default beside the run directory (shared by runs)."""
+        return self.data.cache_dir or f"{self.train.run_dir}/../.cache/tokenized"
+
 
 def _dpo_losses() -> tuple[str, ...]:
     """The registered preference losses, looked up only when ``dpo.loss`` is set (the registry

@@ -14,14 +14,14 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tulu3.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +79,16 @@ def cache_key(parts: dict) -> str:
 
 
 def save_entry(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write arrays + meta into ``directory`` atomically (temp dir in the same parent, rename)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    """Write arrays + meta into ``directory`` atomically and durably (a temporary directory in
+    the same parent, fsynced, renamed: :func:`tulu3.fileio.atomic_path`)."""
     try:
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp, directory)
+        with atomic_path(directory, directory=True) as tmp:
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (directory / "meta.json").is_file():  # not "someone else finished it first"
             raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_entry(directory: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -110,6 +105,13 @@ def _load_intact(directory: Path) -> tuple[dict[str, np.ndarray], dict] | None:
         return load_entry(directory)
     except (OSError, ValueError):  # json.JSONDecodeError is a ValueError
         return None
+
+
+def intact_meta(cache_dir: str | Path, key: str) -> dict | None:
+    """``meta.json`` of the entry ``key`` when it is whole (what :func:`get_or_build` would
+    read back without building), else None. Reads no rows."""
+    entry = _load_intact(Path(cache_dir) / key)
+    return None if entry is None else entry[1]
 
 
 @contextlib.contextmanager

@@ -113,14 +113,8 @@ def build_dataset(kind: str, source: object, tok: Tokenizer, max_len: int, add_b
     ``meta["stats"]`` counts rows read, kept, dropped by truncation and skipped as bad, and
     ``meta["cache_hit"]`` says whether this call tokenized anything.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
-    sources = [{"path": s.path, "fraction": s.fraction, "count": s.count,
-                "files": fingerprint_files(data_files(s.path))} for s in parse_mixture(source)]
-    settings = {"kind": kind, "tokenizer": tok.name, "template": TEMPLATE_NAME,
-                "add_bos": add_bos, "max_len": max_len, "seed": seed,
-                "skip_bad_rows": skip_bad_rows}
-    key = cache_key({**settings, "sources": sources})
+    key, settings, sources = dataset_key(kind, source, tok.name, max_len, add_bos, seed,
+                                         skip_bad_rows)
 
     def build() -> tuple[dict[str, np.ndarray], dict]:
         stats: Counter = Counter()
@@ -134,6 +128,20 @@ def build_dataset(kind: str, source: object, tok: Tokenizer, max_len: int, add_b
     dataset = DATASETS[kind](arrays, {**meta, "cache_hit": hit, "cache_key": key})
     _report_dropped(kind, source, meta.get("stats", {}), len(dataset), max_len)
     return dataset
+
+
+def dataset_key(kind: str, source: object, tokenizer_name: str, max_len: int, add_bos: bool,
+                seed: int, skip_bad_rows: bool) -> tuple[str, dict, list[dict]]:
+    """(cache key, settings, sources) of :func:`build_dataset`'s entry: the sources carry a
+    sha256 of their files' contents, so the key changes whenever a row could."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
+    sources = [{"path": s.path, "fraction": s.fraction, "count": s.count,
+                "files": fingerprint_files(data_files(s.path))} for s in parse_mixture(source)]
+    settings = {"kind": kind, "tokenizer": tokenizer_name, "template": TEMPLATE_NAME,
+                "add_bos": add_bos, "max_len": max_len, "seed": seed,
+                "skip_bad_rows": skip_bad_rows}
+    return cache_key({**settings, "sources": sources}), settings, sources
 
 
 def _report_dropped(kind: str, source: object, stats: dict, kept: int, max_len: int) -> None:

@@ -24,6 +24,7 @@ from typing import TextIO
 import numpy as np
 
 from tulu3.data.examples import RowError
+from tulu3.fileio import atomic_open
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SUFFIXES = TEXT_SUFFIXES + (".parquet",)
@@ -288,20 +289,12 @@ def load_mixture(spec: object, seed: int = 0, skip_bad_rows: bool = False,
 
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[TextIO]:
-    """A text file written under a temporary name beside ``path`` and renamed onto it only when
-    the block succeeds: a reader never sees half a file, a failure (or Ctrl-C) leaves ``path`` as
-    it was, and writing a file onto its own input reads the old file to the end."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A UTF-8 text file written under a temporary name beside ``path`` and renamed onto it only
+    when the block succeeds: a reader never sees half a file, a failure (or Ctrl-C) leaves
+    ``path`` as it was, and writing a file onto its own input reads the old file to the end
+    (:func:`tulu3.fileio.atomic_open`)."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        yield f
 
 
 def write_jsonl(rows: Sequence[object], path: str | Path) -> str:

@@ -3,7 +3,8 @@
 In this order, so that the first error is the one to fix first: the recipe (done by
 :func:`tulu3.config.load_config`), the parallel layout, the paths (data, tokenizer, model.load,
 the stage's other checkpoints, a writable run_dir), then a scan of every data row (schema, RLVR
-dataset names against the registered verifiers). Each failure is a one-line
+dataset names against the registered verifiers; SFT skips it when the tokenization cache already
+holds these files' contents, see :func:`cached_scan`). Each failure is a one-line
 :class:`~tulu3.config.ConfigError` naming the key, or the file and line. Nothing here starts a
 process group or imports megatron: on a 405B job these checks take seconds, not the minutes of
 256 GPUs that building and loading the model costs.
@@ -12,6 +13,7 @@ process group or imports megatron: on a 405B job these checks take seconds, not 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 from tulu3.config import Config, ConfigError, UserError, describe_error
@@ -133,8 +135,10 @@ def scan_data(cfg: Config, stage: str) -> list[str]:
         spec = getattr(cfg.data, key)
         if spec is None:
             continue
-        stats = scan_rows(DATA_KIND[stage], spec, cfg.train.seed, cfg.data.skip_bad_rows,
-                          verifiers)
+        stats = cached_scan(cfg, stage, spec)
+        if stats is None:
+            stats = scan_rows(DATA_KIND[stage], spec, cfg.train.seed, cfg.data.skip_bad_rows,
+                              verifiers)
         if not stats["rows_ok"]:
             raise UserError(f"data.{key}: none of its {stats['rows_read']} rows is usable "
                             f"({stats['bad_rows']} malformed, skipped by data.skip_bad_rows)")
@@ -144,3 +148,33 @@ def scan_data(cfg: Config, stage: str) -> list[str]:
         notes.append(f"data.{key}: {stats['rows_read']} rows read, {stats['bad_rows']} "
                      "malformed skipped")
     return notes
+
+
+def cached_scan(cfg: Config, stage: str, spec: object) -> Counter | None:
+    """The scan's counts without reading a row, when the loop's tokenization cache already holds
+    an intact entry for exactly these files (its key hashes their contents): that entry was saved
+    only after every row passed the same checks (a bad row stops the build). None otherwise.
+
+    SFT without data.skip_bad_rows only: DPO / RM's identical-pair check and RLVR's verifier
+    names are not enforced by the build, and with skip_bad_rows the build also counts rows that
+    fail to tokenize, so its skipped count is not the scan's."""
+    from tulu3.data.cache import intact_meta
+    from tulu3.data.dataset import dataset_key
+    from tulu3.data.tokenizer import load_tokenizer
+
+    data = cfg.data
+    if stage != "sft" or data.skip_bad_rows:
+        return None
+    try:  # the key the SFT loop computes (stages/supervised.py): the entry it will read
+        tok = load_tokenizer(data.tokenizer, bos=data.bos, eos=data.eos, pad=data.pad)
+        key, _, _ = dataset_key("sft", spec, tok.name, data.max_len, data.add_bos,
+                                cfg.train.seed, data.skip_bad_rows)
+    except Exception:  # noqa: BLE001 - reported as before: by the scan, or by the loop
+        return None
+    meta = intact_meta(cfg.tokenization_cache, key)
+    if meta is None:
+        return None
+    rows = meta.get("stats", {}).get("rows_read")
+    if not isinstance(rows, int):
+        return None
+    return Counter(rows_read=rows, rows_ok=rows, bad_rows=0)  # every row read passed

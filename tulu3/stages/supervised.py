@@ -34,7 +34,7 @@ class SupervisedLoop:
         self.groups = optimizer_ref.groups
         data = cfg.data
         common = dict(tok=tokenizer, max_len=data.max_len, add_bos=data.add_bos,
-                      cache_dir=data.cache_dir or f"{cfg.train.run_dir}/../.cache/tokenized",
+                      cache_dir=cfg.tokenization_cache,
                       seed=cfg.train.seed, skip_bad_rows=data.skip_bad_rows,
                       progress=self.groups.dp_rank == 0)
         if data.train is None:

@@ -108,6 +108,8 @@ class RLVRLoop:
 
     def __init__(self, cfg: Config, tokenizer: Any, chunks: list, trainer: Any,
                  shard: VocabShard, layout: ParallelLayout) -> None:
+        # Also in preflight, but run_stage(cfg, "rlvr") called directly (tests, harnesses,
+        # benchmarks) has no preflight: this is that path's only check. Microseconds.
         validate_rlvr(cfg, layout)
         self.cfg, self.rl, self.tok, self.chunks = cfg, cfg.rlvr, tokenizer, chunks
         self.trainer, self.layout, self.shard = trainer, layout, shard
@@ -118,7 +120,7 @@ class RLVRLoop:
         self.comm = PipelineComm.from_groups(groups)
         data = cfg.data
         common = dict(tok=tokenizer, max_len=data.max_len, add_bos=data.add_bos,
-                      cache_dir=data.cache_dir or f"{cfg.train.run_dir}/../.cache/tokenized",
+                      cache_dir=cfg.tokenization_cache,
                       seed=cfg.train.seed, skip_bad_rows=data.skip_bad_rows,
                       progress=self.dp_rank == 0)
         if data.train is None:
