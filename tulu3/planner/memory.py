@@ -16,6 +16,7 @@ from tulu3.model.presets import LlamaShape, padded_vocab
 from tulu3.parallel.layout import ParallelLayout
 from tulu3.planner.hardware import GIB
 from tulu3.planner.pipeline import peak_inflight_layers, rank_chunk_layers
+from tulu3.planner.prefill import prefill_peak
 from tulu3.planner.problem import Problem
 
 BF16 = 2
@@ -117,14 +118,17 @@ class Memory:
     kv_cache: float
     """RLVR generation; not alive at the same time as training activations."""
     overhead: float
+    prefill: float = 0.0
+    """RLVR generation: one micro-batch's prefill transients, beside the KV cache."""
 
     @property
     def total(self) -> float:
         static = self.weights + self.grads + self.optimizer + self.frozen + self.overhead
-        return static + max(self.activations, self.kv_cache)
+        return static + max(self.activations, self.kv_cache + self.prefill)
 
     def gib(self) -> dict[str, float]:
-        kinds = ("weights", "grads", "optimizer", "frozen", "activations", "kv_cache", "overhead")
+        kinds = ("weights", "grads", "optimizer", "frozen", "activations", "kv_cache", "prefill",
+                 "overhead")
         out = {kind: getattr(self, kind) / GIB for kind in kinds}
         out["total"] = self.total / GIB
         return out
@@ -191,6 +195,29 @@ def kv_cache_bytes(problem: Problem, layout: ParallelLayout, rank: int) -> float
     return 2 * BF16 * layers * kv_dim * slots
 
 
+def generation_rows(problem: Problem, layout: ParallelLayout) -> int:
+    """Sequences in one generation micro-batch of a DP rank: all of its sequences, or as many
+    as ``generation_tokens`` slots of ``seq_len`` hold (at least one), as the engine cuts them
+    (tulu3/rollout/decode.py ``split_micro_batches``)."""
+    seqs = -(-problem.step_seqs // layout.dp)
+    if problem.generation_tokens is None:
+        return seqs
+    return min(seqs, max(1, problem.generation_tokens // problem.seq_len))
+
+
+def prefill_bytes(problem: Problem, layout: ParallelLayout, rank: int) -> float:
+    """RLVR rollouts: the transients of one generation micro-batch's prefill on ``rank``
+    (tulu3/planner/prefill.py), bf16, every prompt at its full length; a rank runs one forward
+    at a time, so one prefill is alive beside the in-flight micro-batches' KV caches."""
+    if problem.stage != "rlvr":
+        return 0.0
+    prompt = problem.seq_len - problem.response_tokens
+    peak = prefill_peak(problem.shape, generation_rows(problem, layout), prompt, layout.tp,
+                        last=rank == layout.pp - 1,
+                        vocab_rows=padded_vocab(problem.shape.vocab, layout.tp), act_bytes=BF16)
+    return peak.total
+
+
 def rank_memory(problem: Problem, layout: ParallelLayout, rank: int,
                 recompute: str = "none") -> Memory:
     """Memory of one GPU of pipeline ``rank``."""
@@ -203,7 +230,8 @@ def rank_memory(problem: Problem, layout: ParallelLayout, rank: int,
     return Memory(rank=rank, weights=BF16 * train_params, grads=FP32 * train_params,
                   optimizer=ADAM_STATE * train_params / shard, frozen=BF16 * frozen_params,
                   activations=acts, kv_cache=kv_cache_bytes(problem, layout, rank),
-                  overhead=problem.overhead_gib * GIB)
+                  overhead=problem.overhead_gib * GIB,
+                  prefill=prefill_bytes(problem, layout, rank))
 
 
 def peak_memory(problem: Problem, layout: ParallelLayout, recompute: str = "none") -> Memory:

@@ -54,8 +54,11 @@ def tulu3_405b_stages(gpus: int, gpu: str = "h100-80gb", precision: str = "bf16"
                         sft_rows, epochs=2),
         "dpo": StageRun(Problem(stage="dpo", seq_len=2048, global_batch=256, **common),
                         dpo_rows),
+        # generation_tokens: the recipe's rlvr.generation_tokens (16 rows x 3,072 slots); all
+        # of a DP rank's prompts in one prefill would not fit (tulu3/planner/prefill.py).
         "rlvr": StageRun(Problem(stage="rlvr", seq_len=2048 + 1024, response_len=1024,
-                                 global_batch=1856, value_model="llama3.1-8b", **common),
+                                 global_batch=1856, value_model="llama3.1-8b",
+                                 generation_tokens=49152, **common),
                          episodes),
     }
 
