@@ -36,6 +36,7 @@ import torch
 from tulu3.checkpoint.dcp_io import DistReader
 from tulu3.checkpoint.errors import ConversionError, parse_json
 from tulu3.checkpoint.hf_config import expected_hf_shapes
+from tulu3.fileio import atomic_open
 from tulu3.model.hf_mapping import SCALAR_HEAD, TABLE, Rule, hf_names
 from tulu3.model.presets import LlamaShape, padded_vocab
 from tulu3.parallel.layout import UNEVEN_KEYS, LayoutError, ParallelLayout
@@ -128,11 +129,8 @@ def is_tulu3_checkpoint(path: str | Path) -> bool:
 
 def write_meta(ckpt_dir: str | Path, meta: CheckpointMeta) -> None:
     """Write ``tulu3.json`` (atomically: a reader never sees half a file). Rank 0 only."""
-    path = Path(ckpt_dir) / META_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(meta.to_json())
-    tmp.replace(path)
+    with atomic_open(Path(ckpt_dir) / META_FILE) as f:
+        f.write(meta.to_json())
 
 
 def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:

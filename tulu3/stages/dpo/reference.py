@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tulu3.fileio import atomic_open
 from tulu3.parallel.ddp import unwrap
 from tulu3.parallel.groups import ProcessGroups
 from tulu3.parallel.layout import ParallelLayout
@@ -200,10 +200,8 @@ def swapped_weights(chunks: list[torch.nn.Module], path: str, shape: Any,
 
 
 def _save_atomic(path: Path, table: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"logps": table.clone(), "version": CACHE_VERSION}, tmp)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as f:
+        torch.save({"logps": table.clone(), "version": CACHE_VERSION}, f)
 
 
 def world_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> None:
