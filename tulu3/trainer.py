@@ -348,7 +348,8 @@ def stop_signal_handlers(handler: Callable[[int, Any], None],
 
 
 def guarded_step(loop: Loop, step: int, heartbeat: Heartbeat) -> dict[str, Any]:
-    """``loop.train_step(step)``; a collective timeout names the ranks that never started it."""
+    """``loop.train_step(step)``; a collective timeout names the ranks that never started it and
+    those that started it but never left it (stuck inside, e.g. in a data reader or verifier)."""
     heartbeat.beat(step)
     try:
         return loop.train_step(step)

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import pickle
+import time
 import uuid
 from pathlib import Path
 
@@ -187,6 +188,27 @@ class DistReader:
                 what = "missing" if size < 0 else f"truncated ({size} of {end} bytes)"
                 raise ConversionError(f"{path}: {what}; the checkpoint is damaged: use another "
                                       "one (an earlier step_N) or re-save it")
+
+    def first_damaged(self, seconds: float) -> ConversionError | None:
+        """After a load failed: the error naming the first missing, truncated or corrupt file
+        (every stored tensor chunk is read back, file by file, in storage order), or None when
+        none is found within ``seconds`` (a large checkpoint: the rest is left unread)."""
+        deadline = time.monotonic() + seconds
+        try:
+            self.check_complete()
+        except ConversionError as err:
+            return err
+        for index in sorted(self.metadata.storage_data,
+                            key=lambda i: (self.metadata.storage_data[i].relative_path,
+                                           self.metadata.storage_data[i].offset)):
+            if time.monotonic() > deadline:
+                return None
+            if index.fqn in self.tensors:  # pickled objects: no reading them back safely
+                try:
+                    self._load_chunk(index.fqn, index.offset)
+                except ConversionError as err:
+                    return err
+        return None
 
     def global_shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._meta(key).size)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 # torch's DCP errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException
 
+from tulu3.checkpoint.dcp_io import DistReader
 from tulu3.checkpoint.errors import ConversionError, read_json
 from tulu3.checkpoint.format import (
     META_FILE,
@@ -45,6 +46,7 @@ from tulu3.checkpoint.format import (
     write_meta,
 )
 from tulu3.config import UserError
+from tulu3.fileio import atomic_open, fsync_tree
 from tulu3.model.presets import LlamaShape
 from tulu3.parallel.ddp import unwrap
 from tulu3.parallel.layout import ParallelLayout
@@ -55,6 +57,9 @@ LATEST = "latest"
 # Megatron's default DistributedOptimizer sharding cannot be saved by torch_dist; this one can,
 # and it reshards across layouts.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# After a failed optimizer load, how long each rank reads the shards back to name a corrupt one
+# (the failure path only; a 405B optimizer state is terabytes, so the search is bounded).
+VERIFY_S = 60.0
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -215,6 +220,8 @@ class PendingSave:
             for finalize in write.finalize_fns:  # collective: global metadata, barrier
                 finalize()
         tmp = self.root / f".tmp_step_{self.step}"
+        # each rank: the pages it wrote are in its own node's cache; a crash after `latest`
+        # moves must not leave it pointing at lost data
         fsync_tree(tmp)
         _barrier()
         if _rank() == 0:
@@ -288,34 +295,10 @@ def _fault_point(where: str, step: int) -> None:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
+    """``root/latest`` = ``name``, replaced atomically and durably (after the checkpoint's own
+    fsync, so a crash cannot leave it naming lost data)."""
+    with atomic_open(root / LATEST) as f:
         f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(root / LATEST)
-    _fsync_dir(root)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder`` (each rank: the pages it wrote are in its own
-    node's cache), so a crash after `latest` moves cannot leave it pointing at lost data."""
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -400,13 +383,24 @@ def _load_trained(folder: Path, model: TrainedModel, saved_layout: dict,
         summary = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
         raise CheckpointError(f"{folder}: the model weights cannot be read: the checkpoint is "
                               f"corrupt or incomplete ({type(err).__name__}: {summary})") from err
+    optimizer_dir = folder / OPTIMIZER_DIR
+    try:  # a missing or truncated shard named here, not deep inside torch's DCP
+        DistReader(optimizer_dir).check_complete()
+    except ConversionError as err:
+        raise CheckpointError(f"cannot resume from {folder}: the optimizer state: {err}") from err
     request = model.optimizer.sharded_state_dict(_model_sharded(model.chunks), is_loading=True,
                                                  metadata=OPTIMIZER_METADATA)
     try:
-        loaded = dist_checkpointing.load(request, str(folder / OPTIMIZER_DIR))
+        loaded = dist_checkpointing.load(request, str(optimizer_dir))
         model.optimizer.load_state_dict(loaded)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - name both layouts
+        # torch DCP's message is every rank's traceback: name the damaged file when there is one
+        damaged = DistReader(optimizer_dir).first_damaged(VERIFY_S)
+        if damaged is not None:
+            raise CheckpointError(f"cannot resume from {folder}: the optimizer state: "
+                                  f"{damaged}") from err
+        summary = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
         raise CheckpointError(
             f"{folder}: the optimizer state saved at {saved_layout} cannot be loaded at "
-            f"{layout.describe()} ({type(err).__name__}: {err}). Start a new run from its "
+            f"{layout.describe()} ({type(err).__name__}: {summary}). Start a new run from its "
             f"weights with {model.load_key}={folder} instead.") from err
