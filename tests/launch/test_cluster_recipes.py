@@ -70,8 +70,8 @@ def test_tulu3_hyper_parameters(size, stage):
 
 def _problem(cfg, size: str, stage: str) -> Problem:
     seq = cfg.data.max_len + (cfg.rlvr.max_new_tokens if stage == "rlvr" else 0)
-    extra = {"response_len": cfg.rlvr.max_new_tokens,
-             "value_model": "llama3.1-8b"} if stage == "rlvr" else {}
+    extra = {"response_len": cfg.rlvr.max_new_tokens, "value_model": "llama3.1-8b",
+             "generation_tokens": cfg.rlvr.generation_tokens} if stage == "rlvr" else {}
     return Problem(cfg.model.preset, stage, GPUS[size], seq, cfg.train.global_batch,
                    micro_batch=cfg.train.micro_batch, spec=cfg.model.spec, **extra)
 
