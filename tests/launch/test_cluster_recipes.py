@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tulu3.config import ParallelConfig, load_config
+from tulu3.config import load_config
 from tulu3.model.presets import PRESETS
-from tulu3.parallel.layout import LayoutError, make_layout
-from tulu3.planner import Problem, plan
+from tulu3.parallel.layout import make_layout
+from tulu3.planner import plan
+from tulu3.planner.from_recipe import problem_from_recipe
 from tulu3.planner.pipeline import split_kind
 from tulu3.planner.search import evaluate
 
@@ -20,7 +21,6 @@ STAGES = ("sft", "dpo", "rlvr")
 CLUSTER = [(size, stage) for size in SIZES for stage in STAGES]
 GPUS = {"8b": 8, "70b": 64, "405b": 256}
 """The cluster each recipe's default layout is for: one node, 8 nodes, 32 nodes of H100 80GB."""
-HAS_UNEVEN_KEYS = hasattr(ParallelConfig, "account_for_embedding_in_pipeline_split")
 
 # Tülu 3 (shared/DESIGN.md table; open-instruct docs/tulu3.md): 8B / 70B / 405B.
 LR = {"sft": (5e-6, 2e-6, 2e-6), "dpo": (5e-7, 2e-7, 2e-7), "rlvr": (3e-7, 1e-7, 1e-7)}
@@ -68,30 +68,15 @@ def test_tulu3_hyper_parameters(size, stage):
         assert "8B-RM" in r.value_model  # Tülu 3 initialised every value model from the 8B RM
 
 
-def _problem(cfg, size: str, stage: str) -> Problem:
-    seq = cfg.data.max_len + (cfg.rlvr.max_new_tokens if stage == "rlvr" else 0)
-    extra = {"response_len": cfg.rlvr.max_new_tokens, "value_model": "llama3.1-8b",
-             "generation_tokens": cfg.rlvr.generation_tokens} if stage == "rlvr" else {}
-    return Problem(cfg.model.preset, stage, GPUS[size], seq, cfg.train.global_batch,
-                   micro_batch=cfg.train.micro_batch, spec=cfg.model.spec, **extra)
-
-
 @pytest.mark.parametrize("size, stage", CLUSTER)
 def test_default_layout_is_valid_and_planned(size, stage):
     cfg = _load(size, stage)
     par = cfg.parallel
     needs_uneven = split_kind(PRESETS[cfg.model.preset].layers, par.pp, par.vpp) == "uneven"
-    if needs_uneven and not HAS_UNEVEN_KEYS:
-        # Until tulu3/config.py can express Megatron's uneven split (issue 8), tulu3 rejects
-        # the 405B layouts; the recipes carry the two keys commented out.
-        with pytest.raises(LayoutError, match="does not divide model.layers=126"):
-            make_layout(cfg, GPUS[size])
-    else:
-        if needs_uneven:
-            assert par.account_for_embedding_in_pipeline_split  # uncomment them in the recipe
-            assert par.account_for_loss_in_pipeline_split
-        make_layout(cfg, GPUS[size])
-    problem = _problem(cfg, size, stage)
+    if needs_uneven:  # 126 layers over PP16: Megatron's uneven split, both flags
+        assert par.account_for_embedding_in_pipeline_split
+        assert par.account_for_loss_in_pipeline_split
+    problem = problem_from_recipe(RECIPES / f"llama3.1-{size}-{stage}.yaml", GPUS[size])
     layout = make_layout(cfg, GPUS[size])
     assert evaluate(problem, layout, cfg.model.recompute).fits
     best = [(c.layout, c.recompute) for c in plan(problem, top=3)]

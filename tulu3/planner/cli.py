@@ -2,6 +2,8 @@
 
     python -m tulu3.plan --model llama3.1-405b --gpus 256 --stage dpo --seq-len 2048 \\
         --global-batch 256 [--gpu h100-80gb] [--gpus-per-node 8] [--top 5] [--json]
+    python -m tulu3.plan --config launch/recipes/llama3.1-405b-dpo.yaml --gpus 256 \\
+        [--set key=value ...] [any flag above, which overrides the recipe's value]
 
 Prints the fastest layouts that fit, each as ``--set`` overrides for ``tulu3.train`` with its
 memory and step-time breakdown. The model and its assumptions are in docs/PLANNER.md.
@@ -16,36 +18,55 @@ from dataclasses import asdict
 
 from tulu3.config import run_command
 from tulu3.planner import UNEVEN_KEYS, Candidate, PlanError, Problem, choose, search
+from tulu3.planner.from_recipe import problem_from_recipe
 from tulu3.planner.hardware import GIB
 from tulu3.planner.recipe import recipe_wall_clock, tulu3_405b_stages
+
+FLAG_DEFAULTS = {"micro_batch": 1, "dpo_reference": "cached", "samples_per_prompt": 1,
+                 "ppo_epochs": 4, "spec": "te", "precision": "bf16"}
+"""Problem fields whose flag defaults to None (so a recipe's value shows through) and their value
+without --config."""
+REQUIRED = ("model", "stage", "seq_len", "global_batch")
+"""Flags required without --config (a recipe supplies them)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tulu3.plan", description=__doc__.split(
         "\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--model", required=True, help="llama3.1-8b | llama3.1-70b | llama3.1-405b | tiny")
+    add("--config", default=None, help="a recipe YAML: model, stage, sequence length, batch, "
+        "spec, precision and rlvr.* from it, as tulu3.train reads it; flags override it")
+    add("--set", dest="sets", action="append", default=[], nargs="+", metavar="KEY=VALUE",
+        help="with --config: recipe overrides, as tulu3.train's --set")
+    add("--model", default=None, help="llama3.1-8b | llama3.1-70b | llama3.1-405b | tiny")
     add("--gpus", type=int, required=True, help="GPUs in the job")
-    add("--stage", required=True, help="sft | dpo | rm | rlvr")
-    add("--seq-len", type=int, required=True, help="tokens per sequence (rlvr: prompt+response)")
-    add("--global-batch", type=int, required=True,
+    add("--stage", default=None, help="sft | dpo | rm | rlvr (with --config: the recipe's "
+        "one stage section)")
+    add("--seq-len", type=int, default=None,
+        help="tokens per sequence (rlvr: prompt+response; recipe: data.max_len "
+        "[+ rlvr.max_new_tokens])")
+    add("--global-batch", type=int, default=None,
         help="train.global_batch: sequences (sft), pairs (dpo, rm), prompts (rlvr)")
-    add("--micro-batch", type=int, default=1, help="train.micro_batch")
+    add("--micro-batch", type=int, default=None, help="train.micro_batch (1)")
     add("--gpu", default="h100-80gb", help="h100-80gb | h200-141gb | a100-80gb")
     add("--gpus-per-node", type=int, default=8)
     add("--top", type=int, default=5, help="layouts to print")
     add("--json", action="store_true", help="machine-readable output")
-    add("--dpo-reference", default="cached", help="cached | online (a frozen copy in memory)")
-    add("--response-len", type=int, default=None, help="rlvr: generated tokens (seq-len // 2)")
-    add("--samples-per-prompt", type=int, default=1, help="rlvr")
-    add("--ppo-epochs", type=int, default=4, help="rlvr")
-    add("--value-model", default=None, help="rlvr: preset of the value model (the policy's)")
+    add("--dpo-reference", default=None, help="cached (default) | online (a frozen copy in "
+        "memory); recipe: dpo.reference_mode")
+    add("--response-len", type=int, default=None,
+        help="rlvr: generated tokens (seq-len // 2; recipe: rlvr.max_new_tokens)")
+    add("--samples-per-prompt", type=int, default=None, help="rlvr (1)")
+    add("--ppo-epochs", type=int, default=None, help="rlvr (4)")
+    add("--value-model", default=None, help="rlvr: preset of the value model (the policy's; "
+        "recipe: the size rlvr.value_model's name says)")
     add("--generation-tokens", type=int, default=None,
         help="rlvr: rlvr.generation_tokens, KV-cache slots per generation micro-batch "
         "(default: a rank's prompts in one micro-batch)")
-    add("--spec", default="te", help="model.spec: te | torch | local (no CP, unfused)")
+    add("--spec", default=None, help="model.spec: te (default) | torch | local (no CP, unfused)")
     add("--unfused-logprobs", action="store_true", help="model.fused_logprobs=false")
-    add("--precision", default="bf16", help="bf16 | fp8 (model.fp8): the calibrated efficiency")
+    add("--precision", default=None, help="bf16 (default) | fp8 (model.fp8): the calibrated "
+        "efficiency; recipe: fp8 when model.fp8 is set")
     add("--context-parallel", action=argparse.BooleanOptionalAction, default=None,
         help="propose CP > 1 layouts (default: with --spec torch, whose CP is tested; not te)")
     add("--mem-fraction", type=float, default=0.9, help="usable fraction of GPU memory")
@@ -54,15 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def problem_from_args(args: argparse.Namespace) -> Problem:
-    return Problem(model=args.model, stage=args.stage, gpus=args.gpus, seq_len=args.seq_len,
-                   global_batch=args.global_batch, micro_batch=args.micro_batch, gpu=args.gpu,
-                   gpus_per_node=args.gpus_per_node, dpo_reference=args.dpo_reference,
-                   response_len=args.response_len, samples_per_prompt=args.samples_per_prompt,
-                   ppo_epochs=args.ppo_epochs, value_model=args.value_model,
-                   generation_tokens=args.generation_tokens, spec=args.spec,
-                   fused_logprobs=not args.unfused_logprobs,
-                   precision=args.precision, context_parallel=args.context_parallel,
-                   mem_fraction=args.mem_fraction, overhead_gib=args.overhead_gib)
+    """The Problem the flags ask for: a recipe's (--config, --set) with the given flags over it,
+    or the flags alone."""
+    given = {"model": args.model, "stage": args.stage, "seq_len": args.seq_len,
+             "global_batch": args.global_batch, "micro_batch": args.micro_batch,
+             "gpu": args.gpu, "gpus_per_node": args.gpus_per_node,
+             "dpo_reference": args.dpo_reference, "response_len": args.response_len,
+             "samples_per_prompt": args.samples_per_prompt, "ppo_epochs": args.ppo_epochs,
+             "value_model": args.value_model, "generation_tokens": args.generation_tokens,
+             "spec": args.spec, "fused_logprobs": False if args.unfused_logprobs else None,
+             "precision": args.precision, "context_parallel": args.context_parallel,
+             "mem_fraction": args.mem_fraction, "overhead_gib": args.overhead_gib}
+    sets = [text for group in args.sets for text in group]  # --set a=1 b=2 --set c=3
+    if args.config is not None:
+        stage = given.pop("stage")
+        return problem_from_recipe(args.config, args.gpus, stage, sets, **given)
+    if sets:
+        raise PlanError("--set needs --config (it overrides a recipe's keys)")
+    missing = [name for name in REQUIRED if given[name] is None]
+    if missing:
+        raise PlanError("without --config, pass " + ", ".join(
+            f"--{name.replace('_', '-')}" for name in missing))
+    fields = {key: value for key, value in given.items() if value is not None}
+    return Problem(gpus=args.gpus, **{**FLAG_DEFAULTS, **fields})
 
 
 def _gib(value: float) -> str:
