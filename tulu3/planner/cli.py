@@ -30,9 +30,18 @@ REQUIRED = ("model", "stage", "seq_len", "global_batch")
 """Flags required without --config (a recipe supplies them)."""
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has one (None / []: taken from --config or derived)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tulu3.plan", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "\n")[0], formatter_class=_DefaultsFormatter)
     add = parser.add_argument
     add("--config", default=None, help="a recipe YAML: model, stage, sequence length, batch, "
         "spec, precision and rlvr.* from it, as tulu3.train reads it; flags override it")
