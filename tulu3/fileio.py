@@ -20,17 +20,9 @@ from pathlib import Path
 from typing import IO
 
 
-def fsync_dir(folder: str | Path) -> None:
-    """fsync a directory: makes the names created, renamed or removed in it durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str | Path) -> None:
-    """fsync a file by name (its dirty pages, whichever descriptor wrote them)."""
+def fsync_path(path: str | Path) -> None:
+    """fsync a file (its dirty pages, whichever descriptor wrote them) or a directory (the names
+    created, renamed or removed in it) by name."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -42,8 +34,8 @@ def fsync_tree(folder: str | Path) -> None:
     """fsync every file and directory under ``folder`` (and ``folder`` itself)."""
     for dirpath, _, files in os.walk(folder):
         for name in files:
-            fsync_file(os.path.join(dirpath, name))
-        fsync_dir(dirpath)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 @contextmanager
@@ -67,14 +59,14 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
         if directory:
             fsync_tree(tmp)
         else:
-            fsync_file(tmp)
+            fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if directory:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
         else:
             tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 @contextmanager
