@@ -11,7 +11,8 @@
 #   MASTER_PORT     rendezvous port on node 0              (29500)
 #   GPUS_PER_NODE   processes per node: the GPUs nvidia-smi lists (CUDA_VISIBLE_DEVICES when
 #                   set), or 4 CPU processes (gloo) on a machine without GPUs
-#   LOG_DIR         this node's output is also written to LOG_DIR/nodeNODE_RANK.log (runs/logs)
+#   LOG_DIR         this node's output is also written to LOG_DIR/nodeNODE_RANK.log (runs/logs);
+#                   NCCL's flight-recorder dumps go to LOG_DIR/nccl_trace/ on a timeout
 #   TORCHRUN        launcher command                       (torchrun)
 #   DRY_RUN=1       print the torchrun command line (stdout) and the environment (stderr), exit
 # NCCL / CUDA variables below are only defaults: a value already in the environment wins.
@@ -50,6 +51,13 @@ tulu3_export_env() {
     # Megatron's recommendation: record_stream keeps freed activations alive longer.
     export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
     export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+    # torch's flight recorder: on NCCL the watchdog ends the job at a collective timeout before
+    # tulu3's own message (tulu3/parallel/heartbeat.py, gloo) can name the stuck rank; each rank
+    # then dumps its last collectives to LOG_DIR/nccl_trace/rank_N, and
+    # `torchfrtrace LOG_DIR/nccl_trace` names the rank that never joined (torchtitan does the same).
+    export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$LOG_DIR/nccl_trace/rank_}
     # One process per GPU shares the node's cores; torch would otherwise take them all per rank.
     local cores
     cores=$(nproc 2>/dev/null || echo 1)
@@ -77,6 +85,7 @@ tulu3_launch() {  # STAGE [RECIPE] [ARGS...]
     tulu3_check_int GPUS_PER_NODE "$GPUS_PER_NODE" 1
     tulu3_check_int MASTER_PORT "$MASTER_PORT" 1
     ((NODE_RANK < NNODES)) || tulu3_die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+    LOG_DIR=${LOG_DIR:-runs/logs}
     tulu3_export_env
 
     local -a cmd
@@ -88,7 +97,8 @@ tulu3_launch() {  # STAGE [RECIPE] [ARGS...]
     if [[ ${DRY_RUN:-0} == 1 ]]; then
         local name
         for name in CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_IB_TIMEOUT \
-            NCCL_DEBUG TORCH_NCCL_AVOID_RECORD_STREAMS PYTORCH_CUDA_ALLOC_CONF OMP_NUM_THREADS; do
+            NCCL_DEBUG TORCH_NCCL_AVOID_RECORD_STREAMS PYTORCH_CUDA_ALLOC_CONF OMP_NUM_THREADS \
+            TORCH_NCCL_TRACE_BUFFER_SIZE TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_NCCL_DEBUG_INFO_TEMP_FILE; do
             echo "# $name=${!name}" >&2
         done
         printf '%q' "${cmd[0]}"
@@ -97,9 +107,8 @@ tulu3_launch() {  # STAGE [RECIPE] [ARGS...]
         return 0
     fi
 
-    local log_dir=${LOG_DIR:-runs/logs}
-    mkdir -p "$log_dir"
-    local log="$log_dir/node${NODE_RANK}.log"
+    mkdir -p "$LOG_DIR" "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"
+    local log="$LOG_DIR/node${NODE_RANK}.log"
     echo "launch: node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes, log $log" >&2
     local status=0
     "${cmd[@]}" 2>&1 | tee -a "$log" || status=${PIPESTATUS[0]}

@@ -70,8 +70,12 @@ def test_dry_run_multi_node(sandbox, stage):
         stage, sandbox["recipe"], nnodes=4, rank=2, nproc=8, addr="10.1.2.3", port=6001,
         rest=("--set", "parallel.tp=8 parallel.pp=2", "--set", "train.max_steps=5"))
     for line in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_IB_TIMEOUT=22",
-                 "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "OMP_NUM_THREADS="):
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "OMP_NUM_THREADS=",
+                 "TORCH_NCCL_DUMP_ON_TIMEOUT=1", "TORCH_NCCL_TRACE_BUFFER_SIZE=2000"):
         assert line in out.stderr
+    # the flight recorder's per-rank dumps land beside the node logs
+    assert f"TORCH_NCCL_DEBUG_INFO_TEMP_FILE={sandbox['env']['LOG_DIR']}/nccl_trace/rank_" \
+        in out.stderr, out.stderr
 
 
 def test_defaults_one_node_four_cpu_processes(sandbox):
@@ -118,6 +122,7 @@ def test_log_per_node_and_exit_status(sandbox):
                NNODES="2", NODE_RANK="1", GPUS_PER_NODE="2")
     assert out.returncode == 3
     log = (sandbox["tmp"] / "logs" / "node1.log").read_text()
+    assert (sandbox["tmp"] / "logs" / "nccl_trace").is_dir()  # where NCCL dumps on a timeout
     assert log.startswith("fake torchrun --nnodes 2 --node-rank 1 --nproc-per-node 2")
     assert "fake torchrun" in out.stdout  # tee: the terminal sees it too
 
