@@ -55,6 +55,8 @@ def test_context_parallel_specs_packing_and_padding() -> None:
         layout.check_packing("te", pack=True, micro_batch=1)
     with pytest.raises(LayoutError, match="train.micro_batch=1"):
         ParallelLayout(world_size=2).check_packing("te", pack=True, micro_batch=2)
+    # RLVR runs at CP2 (generation without CP on the same ranks): the layout and RLVR checks
+    # pass, and preflight goes on to the data paths
     cfg = load_config(None, ["parallel.cp=2"])
-    with pytest.raises(ConfigError, match="RLVR generation does not support context"):
+    with pytest.raises(ConfigError, match="data.train is not set"):
         preflight(cfg, "rlvr", world_size=2)

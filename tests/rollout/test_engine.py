@@ -1,6 +1,7 @@
 """The rollout engine: KV-cached generation equals full recompute and HF ``generate`` (greedy) at
 every layout; sampling is reproducible and layout-independent; padded vocabulary rows and
-sequence parallelism are handled. One 4-rank launch runs every layout."""
+sequence parallelism are handled; at CP2 the CP ranks split the prompts. One 4-rank launch runs
+every layout."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ LAYOUTS = {  # name -> (overrides); the rest of the 4 ranks is data parallel
     "PP2xVPP2xDP2": ["parallel.pp=2", "parallel.vpp=2", "train.global_batch=8"],
     "TP1xDP4": [],
     "TP1 local spec": ["model.spec=local"],
+    # generation without CP on the same ranks: each CP rank generates every cp-th prompt
+    "TP2xCP2": ["parallel.tp=2", "parallel.cp=2"],
 }
 
 

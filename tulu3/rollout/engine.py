@@ -1,10 +1,20 @@
-"""In-process generation on the trainer's own megatron chunks (any TP / PP / VPP; no weight copy).
+"""In-process generation on the trainer's own megatron chunks (any TP / PP / VPP / CP; no weight
+copy).
 
     results = generate(chunks, prompts, SamplingParams(max_new_tokens=256, temperature=1.0,
                        seed=7), vocab=tokenizer.vocab_size, eos_ids=[tokenizer.eos_id])
 
-Every rank of a model-parallel group (TP x PP) calls it with the same prompts and gets the same
-results; data-parallel replicas generate their own prompts independently.
+Every rank of a model-parallel group (TP x PP x CP) calls it with the same prompts and gets the
+same results; data-parallel replicas generate their own prompts independently.
+
+Context parallelism: generation runs without it, on the same ranks. A forward of whole rows
+without ``packed_seq_params`` never touches the CP group (RoPE follows the explicit position
+ids; megatron's own per-CP-rank cut of the RoPE table, which TuluGPTModel discards, is switched
+off in :func:`generation_mode`), so each CP rank runs as a CP1 model would. The CP ranks of a
+replica act as extra generation data parallelism: CP rank r generates prompts r, r + cp,
+r + 2 cp, ... and the finished responses are all-gathered over the CP group. A sample's tokens
+depend only on (seed, its key) and its logits (tulu3/rollout/sampling.py), not on which rank or
+micro-batch generated it, so the split changes no token.
 
 How prompts are generated:
 - They are cut into generation micro-batches, shortest prompts first, bounded by rows
@@ -62,12 +72,17 @@ class PipelineComm:
     """Global rank of the last pipeline stage of this rank's pipeline group."""
     pp: int = 1
     tp: int = 1
+    cp_group: dist.ProcessGroup | None = None
+    """The CP group: its ranks split the prompts and all-gather the responses."""
+    cp: int = 1
+    cp_rank: int = 0
 
     @classmethod
     def from_groups(cls, groups: ProcessGroups) -> PipelineComm:
-        """The TP and PP groups of this rank's :class:`~tulu3.parallel.groups.ProcessGroups`."""
+        """The TP, PP and CP groups of this rank's
+        :class:`~tulu3.parallel.groups.ProcessGroups`."""
         return cls(groups.tp, groups.pp, groups.pp_prev, groups.pp_next, groups.pp_last,
-                   groups.pp_size, groups.tp_size)
+                   groups.pp_size, groups.tp_size, groups.cp, groups.cp_size, groups.cp_rank)
 
 
 def generate(chunks: list[torch.nn.Module], prompts: Sequence[Sequence[int]],
@@ -109,6 +124,30 @@ def generate(chunks: list[torch.nn.Module], prompts: Sequence[Sequence[int]],
         comm = PipelineComm()
     check_generation_spec(chunks)
     keys = list(range(len(prompts))) if keys is None else list(keys)
+    # CP rank r: prompts r, r + cp, ... (every rank of its TP x PP group holds the same share)
+    mine = list(range(comm.cp_rank, len(prompts), comm.cp))
+    results = _generate_rows(chunks, [prompts[i] for i in mine], [keys[i] for i in mine],
+                             params, vocab, eos_ids, use_cache, batch_size, max_tokens,
+                             in_flight, stop, comm)
+    if comm.cp == 1:
+        return results
+    shares: list[list[GenerationResult] | None] = [None] * comm.cp
+    dist.all_gather_object(shares, results, group=comm.cp_group)
+    out: list[GenerationResult | None] = [None] * len(prompts)
+    for rank, share in enumerate(shares):
+        for row, result in zip(range(rank, len(prompts), comm.cp), share, strict=True):
+            out[row] = result
+    return out  # type: ignore[return-value]
+
+
+def _generate_rows(chunks: list[torch.nn.Module], prompts: list[list[int]], keys: list[int],
+                   params: SamplingParams, vocab: int, eos_ids: Sequence[int],
+                   use_cache: bool | None, batch_size: int | None, max_tokens: int | None,
+                   in_flight: int | None, stop: StopCheck | None, comm: PipelineComm
+                   ) -> list[GenerationResult]:
+    """:func:`generate` of this rank's prompts (its CP share), without communication over CP."""
+    if not prompts:
+        return []
     if use_cache is None:
         use_cache = bool(attention_modules(chunks))
     device = next(unwrap(chunks[0]).parameters()).device
@@ -128,31 +167,40 @@ def generate(chunks: list[torch.nn.Module], prompts: Sequence[Sequence[int]],
 
 def check_generation_spec(chunks: list[torch.nn.Module]) -> None:
     """Refuse what generation cannot do right: Transformer Engine's causal attention ignores
-    the left-padding mask (pads would be attended), and context parallelism splits sequences
-    that generation feeds whole."""
+    the left-padding mask (pads would be attended). Context parallelism is no obstacle:
+    generation feeds whole rows without ``packed_seq_params``, which never use the CP group."""
     model = unwrap(chunks[0])
     if getattr(model, "packed_format", None) == "thd":
         raise ValueError("generation (RLVR rollouts, eval) needs model.spec=torch: Transformer "
                          "Engine attention ignores the left-padding mask")
-    if model.config.context_parallel_size > 1:
-        raise ValueError("generation (RLVR rollouts, eval) does not support parallel.cp > 1; "
-                         "use parallel.cp=1 for RLVR")
 
 
 @contextmanager
 def generation_mode(chunks: list[torch.nn.Module]) -> Iterator[None]:
-    """eval mode, no autograd, sequence parallelism off; restored afterwards."""
+    """eval mode, no autograd, sequence parallelism and RoPE's CP slicing off; restored
+    afterwards."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
     from tulu3.stages.forward import eval_mode
 
     models = [unwrap(c) for c in chunks]
     # Megatron caches the flag in its linears and (as reduce_scatter_embeddings) embeddings.
     switched = [(m, name, getattr(m, name)) for model in models for m in model.modules()
                 for name in SEQUENCE_PARALLEL_FLAGS if isinstance(getattr(m, name, None), bool)]
+    # Megatron's RotaryEmbedding cuts its table to this CP rank's chunks of the row, and fails
+    # on lengths that do not divide by 2 cp (a decode step feeds one token). TuluGPTModel
+    # replaces that table by the per-token one of the explicit position ids (whole rows here),
+    # so generation only needs the cut switched off.
+    rotary = [(m, m.cp_group) for model in models for m in model.modules()
+              if isinstance(m, RotaryEmbedding) and getattr(m, "cp_group", None) is not None
+              and m.cp_group.size() > 1]
     config = models[0].config
     config_sp = config.sequence_parallel
     try:
         for module, name, _ in switched:
             setattr(module, name, False)
+        for module, _ in rotary:
+            module.cp_group = None
         config.sequence_parallel = False
         with eval_mode(models):
             yield
@@ -160,3 +208,8 @@ def generation_mode(chunks: list[torch.nn.Module]) -> Iterator[None]:
         config.sequence_parallel = config_sp
         for module, name, value in switched:
             setattr(module, name, value)
+        for module, group in rotary:
+            module.cp_group = group
+        clear = getattr(RotaryEmbedding.forward, "cache_clear", None)
+        if rotary and clear is not None:  # lru-cached by length: drop the tables built uncut
+            clear()

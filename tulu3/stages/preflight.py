@@ -28,9 +28,6 @@ def preflight(cfg: Config, stage: str, world_size: int | None = None) -> list[st
     from tulu3.parallel.layout import make_layout
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    if stage == "rlvr" and cfg.parallel.cp > 1:
-        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: RLVR generation does not support "
-                          "context parallelism; use parallel.cp=1 for RLVR")
     layout = make_layout(cfg, world)
     if stage == "rlvr":  # the RLVR settings the loop would refuse after the model build
         from tulu3.stages.rlvr.settings import validate_rlvr

@@ -8,6 +8,8 @@ the shared :func:`tulu3.step.train_step`. Per step:
 1. generate with the policy's own chunks (tulu3/rollout/; sample keys are global sample
    positions, so the same seed samples the same tokens at every layout), in generation
    micro-batches of at most ``rlvr.generation_tokens`` KV-cache slots, pp of them in flight;
+   with parallel.cp > 1 generation runs without CP, the CP ranks of a replica splitting its
+   samples and all-gathering the responses (the pre-passes and updates then run with CP);
    a sample ends at eos, at a ``rlvr.stop_strings`` string, or at ``rlvr.max_new_tokens``;
 2. verify: the first rank of each model-parallel group scores its replica's responses in a
    :class:`~tulu3.rewards.VerifierPool` and broadcasts them; a timeout or a crashed verifier
