@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from rlvr_harness import common, make_data
-from test_rlvr_run import COMPARED, PARITY, TOL
+from test_rlvr_run import PARITY, assert_steps_match
 
 from tulu3.data.loading import write_jsonl
 from tulu3.testing import run_distributed_test
@@ -91,13 +91,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.parametrize("algo", list(PARITY))
 def test_cp2_equals_one_process(runs: dict, algo: str) -> None:
     want, got = runs["single"][algo], runs["cp2"][algo]
-    assert isinstance(want, list) and isinstance(got, list), (want, got)
-    assert len(want) == len(got) == 2
-    for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        for key in COMPARED:
-            if key in b:
-                assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(b[key])), \
-                    f"CP2 step {step + 1} {key}: {a[key]} vs {b[key]}"
+    assert_steps_match(got, want, "CP2")
     # not a trivial run: responses stop on eos (the rollout batch has rows of several lengths),
     # rewards vary (a non-zero loss) and the policy moved away from the reference
     assert all(r["no_eos"] < 1.0 for r in want), [r["no_eos"] for r in want]

@@ -100,16 +100,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"single": single, "four": four, "root": root}
 
 
-@pytest.mark.parametrize("algo", list(PARITY))
-def test_losses_equal_across_layouts(runs: dict, algo: str) -> None:
-    want, got = runs["single"][algo], runs["four"][algo]
+def assert_steps_match(got: object, want: object, label: str) -> None:
+    """Two rollout batches of per-step metrics, every COMPARED key within TOL (relative > 1)."""
     assert isinstance(want, list) and isinstance(got, list), (want, got)
     assert len(want) == len(got) == 2
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
         for key in COMPARED:
             if key in b:
                 assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(b[key])), \
-                    f"{LAYOUTS_4[algo][0]} step {step + 1} {key}: {a[key]} vs {b[key]}"
+                    f"{label} step {step + 1} {key}: {a[key]} vs {b[key]}"
+
+
+@pytest.mark.parametrize("algo", list(PARITY))
+def test_losses_equal_across_layouts(runs: dict, algo: str) -> None:
+    want, got = runs["single"][algo], runs["four"][algo]
+    assert_steps_match(got, want, LAYOUTS_4[algo][0])
     assert ("value_loss" in want[0]) == (algo == "ppo")
     assert all(r["loss"] != 0.0 for r in want) and want[1]["kl"] != 0.0  # not a trivial run
 
