@@ -301,6 +301,13 @@ def _write_latest(root: Path, name: str) -> None:
         f.write(name + "\n")
 
 
+def _last_line(err: BaseException) -> str:
+    """``Type: last line of the message`` (at most 300 characters): torch DCP's messages carry
+    every rank's traceback, of which the last line says what failed."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[-1][:300] if text else ''}"
+
+
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
@@ -380,9 +387,8 @@ def _load_trained(folder: Path, model: TrainedModel, saved_layout: dict,
     try:
         load_model([unwrap(c) for c in model.chunks], folder)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - name the checkpoint
-        summary = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
         raise CheckpointError(f"{folder}: the model weights cannot be read: the checkpoint is "
-                              f"corrupt or incomplete ({type(err).__name__}: {summary})") from err
+                              f"corrupt or incomplete ({_last_line(err)})") from err
     optimizer_dir = folder / OPTIMIZER_DIR
     try:  # a missing or truncated shard named here, not deep inside torch's DCP
         DistReader(optimizer_dir).check_complete()
@@ -399,8 +405,7 @@ def _load_trained(folder: Path, model: TrainedModel, saved_layout: dict,
         if damaged is not None:
             raise CheckpointError(f"cannot resume from {folder}: the optimizer state: "
                                   f"{damaged}") from err
-        summary = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
         raise CheckpointError(
             f"{folder}: the optimizer state saved at {saved_layout} cannot be loaded at "
-            f"{layout.describe()} ({type(err).__name__}: {summary}). Start a new run from its "
+            f"{layout.describe()} ({_last_line(err)}). Start a new run from its "
             f"weights with {model.load_key}={folder} instead.") from err

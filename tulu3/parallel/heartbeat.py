@@ -87,13 +87,6 @@ class Heartbeat:
         return {rank: int(self.store.get(key)) if self.store.check([key]) else None
                 for rank, key in enumerate(keys)}
 
-    def laggards(self, step: int) -> dict[int, int | None]:
-        """Ranks that did not start ``step``: rank -> the last step it started (None: none).
-        Raises when the store is gone."""
-        if self.store is None:
-            return {}
-        return {r: s for r, s in self._read(PREFIX).items() if s is None or s < step}
-
     def stuck(self, step: int, started: dict[int, int | None]) -> list[int]:
         """Ranks that started ``step`` (``started``: rank -> last step started) and did not
         report leaving it with an error within ``GRACE_S`` (returns as soon as all have).

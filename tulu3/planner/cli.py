@@ -22,10 +22,6 @@ from tulu3.planner.from_recipe import problem_from_recipe
 from tulu3.planner.hardware import GIB
 from tulu3.planner.recipe import recipe_wall_clock, tulu3_405b_stages
 
-FLAG_DEFAULTS = {"micro_batch": 1, "dpo_reference": "cached", "samples_per_prompt": 1,
-                 "ppo_epochs": 4, "spec": "te", "precision": "bf16"}
-"""Problem fields whose flag defaults to None (so a recipe's value shows through) and their value
-without --config."""
 REQUIRED = ("model", "stage", "seq_len", "global_batch")
 """Flags required without --config (a recipe supplies them)."""
 
@@ -105,8 +101,9 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
     if missing:
         raise PlanError("without --config, pass " + ", ".join(
             f"--{name.replace('_', '-')}" for name in missing))
+    # flags left at None (so that a recipe's value shows through) take Problem's own defaults
     fields = {key: value for key, value in given.items() if value is not None}
-    return Problem(gpus=args.gpus, **{**FLAG_DEFAULTS, **fields})
+    return Problem(gpus=args.gpus, **fields)
 
 
 def _gib(value: float) -> str:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tulu3.config import run_command
+from tulu3.fileio import atomic_open
 from tulu3.planner.from_recipe import problem_from_recipe
 from tulu3.planner.hardware import GIB
 from tulu3.planner.problem import Problem
@@ -73,15 +74,15 @@ def size_lines(problem: Problem) -> list[str]:
 
 def render_block(recipe: str | Path, sizes: tuple[int, ...] = SIZES) -> list[str]:
     """The block's lines (markers included, no newlines) for ``recipe`` on each of ``sizes``."""
-    first = problem_from_recipe(recipe, sizes[0])
+    problems = [problem_from_recipe(recipe, gpus) for gpus in sizes]
     lines = [BEGIN,
-             f"# The planner's fastest layouts for this recipe (estimated; {first.gpu}, "
-             f"{first.gpus_per_node} per node;",
+             f"# The planner's fastest layouts for this recipe (estimated; {problems[0].gpu}, "
+             f"{problems[0].gpus_per_node} per node;",
              "# docs/PLANNER.md). Another cluster or GPU:",
              f"#   python -m tulu3.plan --config {display_path(Path(recipe))} --gpus N",
              "# and pass a layout's --set lines to the launch script."]
-    for gpus in sizes:
-        lines += size_lines(problem_from_recipe(recipe, gpus))
+    for problem in problems:
+        lines += size_lines(problem)
     return [*lines, END]
 
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         if old != new:
             stale.append(recipe)
             if not args.check:
-                Path(recipe).write_text(new, encoding="utf-8")
+                with atomic_open(recipe) as f:  # an interrupted rewrite keeps the recipe
+                    f.write(new)
     verb = "stale" if args.check else "rewrote"
     for recipe in stale:
         print(f"{verb}: {recipe}")

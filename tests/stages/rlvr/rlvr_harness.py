@@ -65,23 +65,31 @@ def run_rlvr(overrides: list[str]) -> list[dict] | str:
     return read_metrics(Path(cfg.train.run_dir) / "metrics.jsonl")
 
 
-def sft_checkpoint(root: Path) -> Path:
-    return root / "sft" / "checkpoints" / f"step_{SFT_STEPS}"
+def sft_checkpoint(root: Path, steps: int = SFT_STEPS) -> Path:
+    return root / "sft" / "checkpoints" / f"step_{steps}"
+
+
+def train_sft(data: dict, root: Path, steps: int = SFT_STEPS) -> Path:
+    """The tiny SFT on the addition chats (batch 32, LR 3e-3) that the RLVR runs start from;
+    returns its last checkpoint."""
+    from tulu3.train import run_stage
+
+    sft = load_config("launch/recipes/tiny-sft.yaml", common(
+        data, root / "sft", f"data.train={data['add_sft']}", "data.eval=null",
+        "data.max_len=64", "data.pack=false", f"model.load={data['hf']}",
+        "train.global_batch=32", "train.micro_batch=32", f"train.max_steps={steps}",
+        "train.epochs=1", "optim.lr=3e-3", "optim.warmup=5", "optim.schedule=constant",
+        "sft.loss_reduction=mean"))
+    run_stage(sft, "sft")
+    return sft_checkpoint(root, steps)
 
 
 def learn(data: dict, root: Path, seeds: tuple[int, ...] = (1234,), steps: int = 10) -> dict:
     """SFT, ``tulu3.eval`` of the SFT checkpoint (greedy), then GRPO and PPO runs from it for
     every seed (each ends with the loop's greedy eval: ``eval/verified``)."""
     from tulu3 import eval as tulu3_eval
-    from tulu3.train import run_stage
 
-    sft = load_config("launch/recipes/tiny-sft.yaml", common(
-        data, root / "sft", f"data.train={data['add_sft']}", "data.eval=null",
-        "data.max_len=64", "data.pack=false", f"model.load={data['hf']}",
-        "train.global_batch=32", "train.micro_batch=32", f"train.max_steps={SFT_STEPS}",
-        "train.epochs=1", "optim.lr=3e-3", "optim.warmup=5", "optim.schedule=constant",
-        "sft.loss_reduction=mean"))
-    run_stage(sft, "sft")
+    train_sft(data, root)
     before = tulu3_eval.evaluate(tulu3_eval.parse_args([
         "--ckpt", str(sft_checkpoint(root)), "--data", data["add_eval"],
         "--max-new-tokens", "20", "--workers", "1", "--tokenizer", data["tokenizer"]]))

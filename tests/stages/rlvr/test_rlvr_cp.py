@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from rlvr_harness import common, make_data
+from rlvr_harness import common, make_data, sft_checkpoint, train_sft
 from test_rlvr_run import PARITY, assert_steps_match
 
 from tulu3.data.loading import write_jsonl
@@ -30,23 +30,9 @@ SFT_STEPS = 40
 """Enough for most responses to end on eos within rlvr.max_new_tokens (checked below)."""
 
 
-def _sft(data: dict, root: Path) -> Path:
-    from tulu3.config import load_config
-    from tulu3.train import run_stage
-
-    cfg = load_config("launch/recipes/tiny-sft.yaml", common(
-        data, root / "sft", f"data.train={data['add_sft']}", "data.eval=null",
-        "data.max_len=64", "data.pack=false", f"model.load={data['hf']}",
-        "train.global_batch=32", "train.micro_batch=32", f"train.max_steps={SFT_STEPS}",
-        "train.epochs=1", "optim.lr=3e-3", "optim.warmup=5", "optim.schedule=constant",
-        "sft.loss_reduction=mean"))
-    run_stage(cfg, "sft")
-    return root / "sft" / "checkpoints" / f"step_{SFT_STEPS}"
-
-
 def _overrides(data: dict, root: Path, name: str, algo: str, *extra: str) -> list[str]:
     return common(data, root / name, f"data.train={data['coin_ok']}", "data.eval=null",
-                  f"model.load={root / 'sft' / 'checkpoints' / f'step_{SFT_STEPS}'}",
+                  f"model.load={sft_checkpoint(root, SFT_STEPS)}",
                   "train.global_batch=4", "train.micro_batch=1", "train.max_steps=2",
                   "rlvr.max_new_tokens=20", "optim.lr=1e-3", "optim.eps=1e-2", *PARITY[algo],
                   *extra)
@@ -61,7 +47,7 @@ def _runs(data: dict, root: Path, prefix: str, *extra: str) -> dict:
 
 
 def single_process(data: dict, root: Path) -> dict:
-    _sft(data, root)
+    train_sft(data, root, SFT_STEPS)
     return _runs(data, root, "single")
 
 
