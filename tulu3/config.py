@@ -528,6 +528,20 @@ DEBUG_ENV = "TULU3_DEBUG"
 """Set to 1 (or pass ``--debug``) for the Python traceback of a failing command."""
 
 
+COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer",
+                       "connection reset by peer")
+"""How a collective's failure reads: its own timeout (gloo "Timed out", NCCL's watchdog
+"collective operation timeout"), or (gloo) a peer whose own timeout fired first closing the
+connection, or a peer that died."""
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A collective (or the store) gave up on another rank: timed out, or its peer went away."""
+    text = str(err).lower()
+    return (any(marker in text for marker in COLLECTIVE_FAILURES)
+            or "timeout" in type(err).__name__.lower())
+
+
 def describe_error(err: BaseException) -> str:
     """One line for a failed command: the message of a :class:`UserError`, "no space left on
     <dir>" for a full disk anywhere in the exception's chain, the file of an OS error, else the
@@ -545,7 +559,7 @@ def describe_error(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror or text}"
     if isinstance(err, (FileNotFoundError, UnicodeDecodeError)):
         return text
-    if "timed out" in text.lower() or "timeout" in type(err).__name__.lower():
+    if is_collective_failure(err):
         return (f"a collective timed out: another rank stalled or died (see its log); "
                 f"train.collective_timeout_min sets the wait ({text[:300]})")
     return (f"{type(err).__name__}: {text[:500]} (rerun with {DEBUG_ENV}=1 or --debug for the "

@@ -14,6 +14,10 @@ from tulu3.parallel import heartbeat as hb
 from tulu3.parallel.heartbeat import FAILED, FAILED_COUNT, PREFIX, READ_COUNT, Heartbeat
 
 TIMEOUT = RuntimeError("[Gloo] Timed out waiting 3000ms for recv operation to complete")
+CLOSED = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                      "by peer [127.0.0.1]:41311")
+"""What a rank in the collective reads when a peer's own timeout fired first (gloo closes the
+pair): the same failure, seen second-hand."""
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +42,13 @@ def _failed(store: dist.Store, rank: int, step: int) -> None:
     store.add(f"{FAILED_COUNT}{step}", 1)
 
 
-def test_names_the_ranks_behind_and_stuck_inside() -> None:
+@pytest.mark.parametrize("error", [TIMEOUT, CLOSED], ids=["timed-out", "peer-closed"])
+def test_names_the_ranks_behind_and_stuck_inside(error: RuntimeError) -> None:
     store = dist.HashStore()
     _started(store, {0: 5, 1: 5, 2: 5, 3: 4, 4: 6})  # rank 4 is ahead: not stuck in step 5
     _failed(store, 1, 5)
     _failed(store, 2, 4)  # an older failure of rank 2 does not count for step 5
-    fault = _beat(store, 0, 6).fault(5, TIMEOUT)
+    fault = _beat(store, 0, 6).fault(5, error)
     assert str(fault) == ("step 5: a collective timed out (train.collective_timeout_min); "
                           "stalled: rank 3 (last started step 4), rank 5 (started no step); "
                           "stuck inside step 5 (no error reported within 0.5 s): rank 2: "

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from tulu3.config import RunFault
+from tulu3.config import RunFault, is_collective_failure
 
 PREFIX = "tulu3/step_started/"
 FAILED = "tulu3/step_failed/"  # + rank: the last step this rank left with an error
@@ -44,11 +44,6 @@ def _store() -> dist.Store | None:
         return _get_default_store() if dist.is_initialized() else None
     except Exception:  # noqa: BLE001 - no store, no names: the timeout still ends the job
         return None
-
-
-def is_timeout(err: BaseException) -> bool:
-    text = str(err).lower()
-    return "timed out" in text or "timeout" in text
 
 
 def bounded(work: Callable[[], T], seconds: float) -> T | None:
@@ -130,7 +125,7 @@ class Heartbeat:
         else None (the error stands as it is). Takes ``2 GRACE_S + STORE_S`` seconds at most."""
         if self.store is None or self.world == 1:
             return None
-        timed_out = is_timeout(err)
+        timed_out = is_collective_failure(err)
         found = bounded(lambda: self._report(step, timed_out),
                         2 * GRACE_S + STORE_S if timed_out else STORE_S)
         if found is None:
